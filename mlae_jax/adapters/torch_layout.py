@@ -1,0 +1,113 @@
+"""Adapter weights in the layout of the PyTorch MLAE / LoRA layers on timm's ViT.
+
+The reference PyTorch layers wrap timm's `nn.Linear`s (`blocks.{i}.attn.qkv`, ...)
+and store, for MLAE, `lora_A` (r, d_in), `lora_B` (r, d_out), `lora_lamda` (r,),
+and for LoRA `lora_A` (r, d_in), `lora_B` (d_out, r). Our fused q-k-v output order
+equals timm's, so the arrays move between the implementations unchanged (LoRA's B
+transposed).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from mlae_jax.adapters.experts import expert_coefficients
+from mlae_jax.adapters.placement import adapter_scope, torch_module
+from mlae_jax.checkpoints.layout import flatten, unflatten
+from mlae_jax.checkpoints.npz import read_npz, write_npz
+from mlae_jax.model.vit import VisionTransformer
+
+
+def _entries(model: VisionTransformer):
+  """(layer, target, settings, torch name) of every adapter of `model`."""
+  if model.adapter is None:
+    raise ValueError('The model has no adapters to export or import.')
+  for layer, settings in enumerate(model.layer_experts()):
+    for target in model.adapter.targets:
+      yield layer, target, settings, torch_module(layer, target)
+
+
+def export_torch_state(model: VisionTransformer, params: Mapping) -> dict[str, np.ndarray]:
+  """The adapters as a PyTorch state dict fragment (numpy arrays)."""
+  flat = flatten(params)
+  state = {}
+  for layer, target, settings, name in _entries(model):
+    scope = adapter_scope(layer, target)
+    a, b = np.asarray(flat[f'{scope}/A']), np.asarray(flat[f'{scope}/B'])
+    state[f'{name}.lora_A'] = a
+    if model.adapter.method == 'lora':
+      state[f'{name}.lora_B'] = b.T.copy()
+    else:
+      state[f'{name}.lora_B'] = b
+      state[f'{name}.lora_lamda'] = np.asarray(
+          expert_coefficients(settings, flat.get(f'{scope}/coeff')))
+  return state
+
+
+def import_torch_state(model: VisionTransformer, params: Mapping,
+                       state: Mapping[str, Any]) -> dict:
+  """`params` with its adapters replaced by those of a PyTorch state dict.
+
+  Other entries of `state` (the backbone, the head) are ignored; missing or
+  mis-shaped adapter entries raise ValueError.
+  """
+  flat = flatten(params)
+  problems = []
+
+  def fetch(key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    if key not in state:
+      problems.append(f'missing {key}')
+      return None
+    value = state[key]
+    value = np.asarray(value.detach().cpu().numpy() if hasattr(value, 'detach') else value)
+    if value.shape != shape:
+      problems.append(f'{key} has shape {value.shape}, expected {shape}')
+      return None
+    return value
+
+  for layer, target, settings, name in _entries(model):
+    scope = adapter_scope(layer, target)
+    a_shape, b_shape = flat[f'{scope}/A'].shape, flat[f'{scope}/B'].shape
+    lora = model.adapter.method == 'lora'
+    a = fetch(f'{name}.lora_A', a_shape)
+    b = fetch(f'{name}.lora_B', b_shape[::-1] if lora else b_shape)
+    if a is not None:
+      flat[f'{scope}/A'] = jnp.asarray(a, flat[f'{scope}/A'].dtype)
+    if b is not None:
+      flat[f'{scope}/B'] = jnp.asarray(b.T if lora else b, flat[f'{scope}/B'].dtype)
+    if lora:
+      continue
+    coeff = fetch(f'{name}.lora_lamda', (settings.experts,))
+    if coeff is None:
+      continue
+    if settings.adaptive_coeff:
+      flat[f'{scope}/coeff'] = jnp.asarray(coeff, flat[f'{scope}/coeff'].dtype)
+    elif not np.allclose(coeff, settings.coeff_init):
+      problems.append(f'{name}.lora_lamda differs from the frozen coefficient '
+                      f'{settings.coeff_init}; set adaptive_coeff=True to import it')
+  if problems:
+    raise ValueError('Cannot import the PyTorch adapter weights: ' + '; '.join(problems))
+  return unflatten(flat)
+
+
+def save_torch_state(path: str | os.PathLike, state: Mapping[str, np.ndarray]) -> None:
+  """Writes a state dict fragment: `.pt`/`.pth` with torch, anything else as `.npz`."""
+  if os.fspath(path).endswith(('.pt', '.pth')):
+    import torch  # Optional dependency, needed only for this format.
+    torch.save({key: torch.from_numpy(np.array(v)) for key, v in state.items()},
+               path)
+  else:
+    write_npz(path, state)
+
+
+def load_torch_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads what `save_torch_state` (or `torch.save` of a state dict) wrote."""
+  if os.fspath(path).endswith(('.pt', '.pth')):
+    import torch
+    return {key: value.detach().cpu().numpy()
+            for key, value in torch.load(path, map_location='cpu', weights_only=True).items()}
+  return read_npz(path)

@@ -1,0 +1,83 @@
+"""Loading an original ViT checkpoint into a (possibly adapted) model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlae_jax.checkpoints import layout
+from mlae_jax.checkpoints.npz import CheckpointError, read_npz
+from mlae_jax.checkpoints.posemb import resize_pos_embedding
+from mlae_jax.model.vit import VisionTransformer
+from mlae_jax.partition import param_role
+
+POS_EMBEDDING = 'Transformer/posembed_input/pos_embedding'
+# Layers of the pre-training task that fine-tuning replaces.
+_DISCARDED = ('pre_logits/', 'head/')
+
+
+def init_params(model: VisionTransformer, rng: jax.Array, image_size: int = 224) -> dict:
+  """Freshly initialised parameters for square images of `image_size`."""
+  return jax.jit(model.init)(rng, _dummy_images(image_size))['params']
+
+
+def _dummy_images(image_size: int) -> jax.Array:
+  return jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+
+
+def load_pretrained(path: str | os.PathLike, model: VisionTransformer, *, rng: jax.Array,
+                    image_size: int = 224) -> dict:
+  """Parameters for `model`: the backbone from `path`, adapters and head fresh.
+
+  `pre_logits` and the pre-training head are dropped; the head is created for
+  `model.num_classes` (zero-initialised); the position embeddings are resized if
+  `image_size` differs from the checkpoint's. A file that does not fit the model
+  raises CheckpointError naming the missing, unexpected and mis-shaped keys.
+  """
+  loaded = {key: value for key, value in layout.to_linen(read_npz(path)).items()
+            if not key.startswith(_DISCARDED)}
+  images = _dummy_images(image_size)
+  shapes = layout.flatten(jax.eval_shape(model.init, rng, images)['params'])
+  expected = {key: leaf.shape for key, leaf in shapes.items() if param_role(key) == 'backbone'}
+  posemb, want = loaded.get(POS_EMBEDDING), expected.get(POS_EMBEDDING)
+  if (posemb is not None and want is not None and posemb.shape != want
+      and posemb.ndim == 3 and posemb.shape[-1] == want[-1]):
+    loaded[POS_EMBEDDING] = resize_pos_embedding(posemb, want[1])
+  _check_fits(loaded, expected, path, model)
+
+  def fresh_leaves(key):  # Only adapters and head: XLA drops the backbone's init.
+    params = layout.flatten(model.init(key, images)['params'])
+    return {k: v for k, v in params.items() if param_role(k) != 'backbone'}
+
+  params = dict(jax.jit(fresh_leaves)(rng))
+  for key, value in loaded.items():
+    params[key] = jnp.asarray(value, dtype=shapes[key].dtype)
+  return layout.unflatten(params)
+
+
+def _check_fits(loaded: dict[str, np.ndarray], expected: dict[str, tuple], path: Any,
+                model: VisionTransformer) -> None:
+  missing = sorted(set(expected) - set(loaded))
+  unexpected = sorted(set(loaded) - set(expected))
+  misshaped = sorted(key for key in set(loaded) & set(expected)
+                     if tuple(loaded[key].shape) != tuple(expected[key]))
+  if not (missing or unexpected or misshaped):
+    return
+  lines = [f'Checkpoint {os.fspath(path)} does not fit the model (patch {model.patch_size}, '
+           f'hidden {model.hidden_size}, mlp {model.mlp_dim}, heads {model.num_heads}, '
+           f'layers {model.num_layers}). Choose the model that matches the file '
+           '(e.g. ViT-B_16.npz needs ViT-B_16).']
+  for title, keys, describe in (
+      ('missing from the file', missing, lambda k: k),
+      ('not in the model', unexpected, lambda k: k),
+      ('with the wrong shape (file vs model)', misshaped,
+       lambda k: f'{k}: {tuple(loaded[k].shape)} vs {tuple(expected[k])}')):
+    if keys:
+      shown = [describe(k) for k in keys[:8]]
+      more = f' ... and {len(keys) - 8} more' if len(keys) > 8 else ''
+      lines.append(f'{len(keys)} keys {title}: ' + '; '.join(shown) + more)
+  raise CheckpointError('\n'.join(lines))
