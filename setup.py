@@ -15,6 +15,7 @@ setup(
         # TFDS runs its input pipelines on TensorFlow; the CPU build suffices.
         'tensorflow-cpu>=2.16',
         'ml_collections>=0.1.1',
+        'tensorboard',  # TensorBoard event files (flax.metrics.tensorboard).
         'absl-py',
         'numpy',
         'scipy',

@@ -41,3 +41,25 @@ def count_params(params: Mapping[str, Any]) -> dict[str, int]:
   counts['trainable'] = counts['adapter'] + counts['head']
   counts['total'] = counts['trainable'] + counts['backbone']
   return counts
+
+
+def is_trainable(path: str) -> bool:
+  """Adapters and the head are trained; the backbone is frozen."""
+  return param_role(path) != 'backbone'
+
+
+def split_trainable(params: Mapping[str, Any]) -> tuple[dict, dict]:
+  """(trainable, frozen) subtrees of `params`, partitioned by path labels."""
+  flat = traverse_util.flatten_dict(dict(params), sep='/')
+  trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+  frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+  return (traverse_util.unflatten_dict(trainable, sep='/'),
+          traverse_util.unflatten_dict(frozen, sep='/'))
+
+
+def combine(*trees: Mapping[str, Any]) -> dict:
+  """Joins disjoint subtrees (e.g. the two halves of `split_trainable`) into one."""
+  flat = {}
+  for tree in trees:
+    flat.update(traverse_util.flatten_dict(dict(tree), sep='/'))
+  return traverse_util.unflatten_dict(flat, sep='/')

@@ -30,19 +30,22 @@ def _dummy_images(image_size: int) -> jax.Array:
 
 
 def load_pretrained(path: str | os.PathLike, model: VisionTransformer, *, rng: jax.Array,
-                    image_size: int = 224) -> dict:
+                    image_size: int = 224, keep_head: bool = False) -> dict:
   """Parameters for `model`: the backbone from `path`, adapters and head fresh.
 
-  `pre_logits` and the pre-training head are dropped; the head is created for
-  `model.num_classes` (zero-initialised); the position embeddings are resized if
-  `image_size` differs from the checkpoint's. A file that does not fit the model
+  `pre_logits` and the pre-training head are dropped and the head is created for
+  `model.num_classes` (zero-initialised), unless `keep_head` (for re-reading a
+  fine-tuned export, whose head must then fit). The position embeddings are resized
+  if `image_size` differs from the checkpoint's. A file that does not fit the model
   raises CheckpointError naming the missing, unexpected and mis-shaped keys.
   """
+  discarded = ('pre_logits/',) if keep_head else _DISCARDED
   loaded = {key: value for key, value in layout.to_linen(read_npz(path)).items()
-            if not key.startswith(_DISCARDED)}
+            if not key.startswith(discarded)}
   images = _dummy_images(image_size)
   shapes = layout.flatten(jax.eval_shape(model.init, rng, images)['params'])
-  expected = {key: leaf.shape for key, leaf in shapes.items() if param_role(key) == 'backbone'}
+  kept = ('backbone', 'head') if keep_head else ('backbone',)
+  expected = {key: leaf.shape for key, leaf in shapes.items() if param_role(key) in kept}
   posemb, want = loaded.get(POS_EMBEDDING), expected.get(POS_EMBEDDING)
   if (posemb is not None and want is not None and posemb.shape != want
       and posemb.ndim == 3 and posemb.shape[-1] == want[-1]):
@@ -51,7 +54,7 @@ def load_pretrained(path: str | os.PathLike, model: VisionTransformer, *, rng: j
 
   def fresh_leaves(key):  # Only adapters and head: XLA drops the backbone's init.
     params = layout.flatten(model.init(key, images)['params'])
-    return {k: v for k, v in params.items() if param_role(k) != 'backbone'}
+    return {k: v for k, v in params.items() if param_role(k) not in kept}
 
   params = dict(jax.jit(fresh_leaves)(rng))
   for key, value in loaded.items():

@@ -1,0 +1,75 @@
+"""What a finished run leaves behind for others to use.
+
+- Adapter export: the trained leaves only (adapters + head, ~1 MB for ViT-B/16) in
+  `adapter.npz`, and `adapter_config.json` saying model, placement, rank, masks,
+  coefficients and classes. `load_adapter_export` rebuilds the model from them.
+- Merged export: the plain ViT with the adapters folded in, as an `.npz` in the
+  original checkpoint layout (pre-Linen names), which our loader and timm read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from mlae_jax.adapters.config import AdapterConfig
+from mlae_jax.adapters.merge import merge_adapters
+from mlae_jax.checkpoints import layout
+from mlae_jax.checkpoints.npz import read_npz, write_npz
+from mlae_jax.checkpoints.pretrained import load_pretrained
+from mlae_jax.model.vit import VisionTransformer
+from mlae_jax.partition import combine, is_trainable, split_trainable
+
+ADAPTER_FILE = 'adapter.npz'
+CONFIG_FILE = 'adapter_config.json'
+_MODEL_FIELDS = ('num_classes', 'patch_size', 'hidden_size', 'mlp_dim', 'num_heads',
+                 'num_layers', 'gelu_approximate')
+
+
+def export_adapters(directory: str, model: VisionTransformer, params: Any,
+                    extra: dict[str, Any] | None = None) -> None:
+  """Writes `adapter.npz` and `adapter_config.json` into `directory`."""
+  trainable, _ = split_trainable(params)
+  write_npz(os.path.join(directory, ADAPTER_FILE),
+            layout.as_numpy(layout.flatten(trainable)))
+  description = {
+      'model': {field: getattr(model, field) for field in _MODEL_FIELDS},
+      'adapter': dataclasses.asdict(model.adapter) if model.adapter else None,
+      'layers': [dataclasses.asdict(s) for s in model.layer_experts()] if model.adapter else [],
+      **(extra or {}),
+  }
+  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+    json.dump(description, f, indent=2)
+
+
+def load_adapter_export(directory: str, pretrained: str, *,
+                        rng: jax.Array | None = None) -> tuple[VisionTransformer, dict]:
+  """The model and parameters of an adapter export, with its backbone read from the
+  pre-trained checkpoint `pretrained` it was trained on."""
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    description = json.load(f)
+  adapter = description['adapter']
+  model = VisionTransformer(**description['model'],
+                            adapter=AdapterConfig(**adapter) if adapter else None)
+  params = load_pretrained(pretrained, model, rng=rng if rng is not None else jax.random.key(0),
+                           image_size=description.get('image_size', 224))
+  trained = read_npz(os.path.join(directory, ADAPTER_FILE))
+  _, frozen = split_trainable(params)
+  expected = {k for k in layout.flatten(params) if is_trainable(k)}
+  if set(trained) != expected:
+    raise ValueError(f'{directory}/{ADAPTER_FILE} does not match {CONFIG_FILE}: missing '
+                     f'{sorted(expected - set(trained))[:5]}, unexpected '
+                     f'{sorted(set(trained) - expected)[:5]}.')
+  return model, combine(layout.unflatten(trained), frozen)
+
+
+def export_merged(path: str, model: VisionTransformer, params: Any) -> None:
+  """Writes the merged plain ViT (head included) in the original `.npz` layout."""
+  _, merged = merge_adapters(model, params)
+  flat = layout.to_pre_linen(layout.as_numpy(layout.flatten(merged)))
+  write_npz(path, {key: value.astype(np.float32) for key, value in flat.items()})

@@ -1,0 +1,34 @@
+"""Fine-tunes a ViT with MLAE on one task.
+
+  python -m mlae_jax.main --config=configs/vtab.py:svhn --workdir=runs/svhn \
+      --config.mlae.drop_rate=0.3
+
+Re-running the same command resumes from the latest checkpoint in the workdir.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mlae_jax.training.train import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exports.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  try:
+    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as error:
+    raise app.UsageError(str(error)) from None
+  print(f'{results["task"]}: final-epoch accuracy {results["final_epoch_accuracy"]:.4f}, '
+        f'best of evaluations {results["best_of_evaluations_accuracy"]:.4f} '
+        f'(epoch {results["best_of_evaluations_epoch"]}); results in {_WORKDIR.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Training: optimizer partition, sharded jitted steps, checkpoints, the run loop."""

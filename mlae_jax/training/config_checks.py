@@ -1,0 +1,45 @@
+"""Validation of a run config, with messages that name the field and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from mlae_jax.adapters.config import AdapterConfig
+from mlae_jax.model.variants import get_variant
+from mlae_jax.training.schedules import SCHEDULES
+
+DTYPES = ('auto', 'float32', 'bfloat16')
+
+
+def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
+  """The AdapterConfig of `config.mlae` (None when method is 'none')."""
+  fields = config.mlae.to_dict()
+  if fields.get('method') == 'none':
+    return None
+  try:
+    return AdapterConfig(**fields)
+  except TypeError as error:
+    raise ValueError(f'Bad config: config.mlae has an unknown field ({error}).') from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on the first value a run cannot use."""
+  def require(condition: bool, field: str, value: Any, expectation: str) -> None:
+    if not condition:
+      raise ValueError(f'Bad config value config.{field} = {value!r}: {expectation}.')
+
+  get_variant(config.model.name)
+  require(config.model.dtype in DTYPES, 'model.dtype', config.model.dtype, f'use one of {DTYPES}')
+  for field in ('epochs', 'batch_size', 'eval_batch_size', 'eval_every_epochs',
+                'checkpoint_every_epochs', 'keep_checkpoints'):
+    value = config[field]
+    require(isinstance(value, int) and value >= 1, field, value, 'must be an integer >= 1')
+  for field in ('learning_rate', 'warmup_lr', 'min_lr', 'weight_decay', 'grad_clip_norm'):
+    require(config[field] >= 0, field, config[field], 'must be >= 0')
+  require(config.learning_rate > 0, 'learning_rate', config.learning_rate, 'must be > 0')
+  require(config.schedule in SCHEDULES, 'schedule', config.schedule, f'use one of {SCHEDULES}')
+  require(0 <= config.warmup_epochs < config.epochs, 'warmup_epochs', config.warmup_epochs,
+          f'must lie in [0, epochs={config.epochs})')
+  adapter_config(config)

@@ -1,0 +1,45 @@
+"""Run metrics: JSON lines and TensorBoard events in the workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Iterable
+
+# TensorBoard's own event writer: pure Python, so training never loads TensorFlow.
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class MetricsLog:
+  """Appends one JSON object per line to `metrics.jsonl` and mirrors the scalars to
+  TensorBoard. `reset` rewrites the file from a restored history, so a resumed run
+  has no records from epochs it repeats."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tensorboard = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+
+  def reset(self, records: Iterable[dict[str, Any]]) -> None:
+    with open(self.path, 'w') as f:
+      for record in records:
+        f.write(json.dumps(record) + '\n')
+
+  def write(self, record: dict[str, Any]) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    values = [summary_pb2.Summary.Value(tag=f'{record["kind"]}/{name}', simple_value=value)
+              for name, value in record.items()
+              if name not in ('step', 'epoch', 'kind') and isinstance(value, (int, float))]
+    self._tensorboard.add_event(event_pb2.Event(
+        wall_time=time.time(), step=record['step'], summary=summary_pb2.Summary(value=values)))
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    self._tensorboard.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
