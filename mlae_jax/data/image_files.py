@@ -1,0 +1,33 @@
+"""Reading image files listed by a split file, with errors that name the file."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """uint8 (H, W, 3) pixels of an image file, converted to RGB as torchvision's
+  `default_loader` does (grey and palette images become 3 channels)."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB'))
+  except FileNotFoundError:
+    raise FileNotFoundError(f'Image file {path} does not exist.') from None
+  except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for corrupt files.
+    raise ValueError(f'Image file {path} cannot be decoded: {error}') from error
+
+
+def check_exist(paths: Sequence[str], listed_in: str) -> None:
+  """Raises FileNotFoundError naming the missing files (the first few and the count), so
+  a broken list fails when loaded rather than in the middle of an evaluation."""
+  missing = [path for path in paths if not os.path.isfile(path)]
+  if missing:
+    shown = '\n  '.join(missing[:5])
+    more = f'\n  ... and {len(missing) - 5} more' if len(missing) > 5 else ''
+    raise FileNotFoundError(
+        f'{len(missing)} of the {len(paths)} images listed in {listed_in} are missing:\n  '
+        f'{shown}{more}')
