@@ -2,8 +2,6 @@
 torchvision/PIL for the PyTorch papers' paths, tf.compat.v1 and a hand-worked case for the
 VTAB tooling's legacy bilinear, numpy for normalisation."""
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,11 +11,6 @@ from PIL import Image
 from mlae_jax.data import augment, build, preprocess
 from mlae_jax.data.task_data import (IMAGENET_MEAN_STD, INCEPTION_MEAN_STD, TaskData,
                                      array_eval_batches, normalize, random_crop_flip)
-
-# Loading triton (which torchvision and timm pull in) after TensorFlow segfaults, and other
-# test modules import those: load it first.
-if importlib.util.find_spec('triton') is not None:
-  import triton  # noqa: F401
 
 
 def _image(height, width, seed=0, channels=3):

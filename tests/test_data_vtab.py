@@ -3,16 +3,10 @@
 
 import contextlib
 import functools
-import importlib.util
 import logging
 
 import numpy as np
 import pytest
-
-# Loading triton (which torchvision and timm pull in) after TensorFlow segfaults, and other
-# test modules import those: load it first.
-if importlib.util.find_spec('triton') is not None:
-  import triton  # noqa: F401
 
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
