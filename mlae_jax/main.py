@@ -6,9 +6,12 @@
 Re-running the same command resumes from the latest checkpoint in the workdir.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mlae_jax.checkpoints.download import CheckpointDownloadError
 from mlae_jax.training.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
@@ -23,8 +26,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   try:
     results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as error:
-    raise app.UsageError(str(error)) from None
+  except (ValueError, FileNotFoundError, CheckpointDownloadError) as error:
+    sys.exit(f'mlae_jax: {error}')  # Bad input: the message says what to fix.
   print(f'{results["task"]}: final-epoch accuracy {results["final_epoch_accuracy"]:.4f}, '
         f'best of evaluations {results["best_of_evaluations_accuracy"]:.4f} '
         f'(epoch {results["best_of_evaluations_epoch"]}); results in {_WORKDIR.value}')

@@ -202,7 +202,6 @@ def test_fgvc_at_224_uses_vpt_sizes(tmp_path):
 def test_fgvc_random_resized_crop_option(tmp_path):
   _fgvc_tree(tmp_path, counts={'train': 2, 'test': 1})
   data = build.build_task_data(_fgvc_config(tmp_path, fgvc_augment='random_resized_crop'))
-  assert isinstance(data, augment.AugmentedTaskData)
   assert data.train_augment == 'random_resized_crop' and data.train_crop == 32
   assert augment.train_augmentation(data).func is augment.random_resized_crop_flip
   with pytest.raises(ValueError, match='crop_flip, random_resized_crop'):

@@ -234,9 +234,7 @@ def _task(train_crop=None, **extra):
   fields = dict(name='t', num_classes=2, train_images=images, train_labels=np.zeros(2, np.int32),
                 eval_batches=array_eval_batches(images, np.zeros(2, np.int32)), num_eval=2,
                 train_crop=train_crop)
-  if extra:
-    return augment.AugmentedTaskData(**fields, **extra)
-  return TaskData(**fields)
+  return TaskData(**fields, **extra)
 
 
 def test_train_augmentation_follows_the_task():

@@ -325,3 +325,20 @@ def test_exports_reload_in_our_loader_and_in_timm(tmp_path):
   with torch.no_grad():
     theirs = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   assert np.abs(theirs - adapted).max() <= 1e-4
+
+
+@pytest.mark.parametrize('augment', ['crop_flip', 'random_resized_crop'])
+def test_training_crops_fgvc_style_tasks_on_the_device(augment, tmp_path):
+  from mlae_jax.data.synthetic import synthetic_task
+  from mlae_jax.data.task_data import TaskData, array_eval_batches
+  from mlae_jax.training.train import train_on_task
+  large = synthetic_task(num_train=24, num_eval=1, image_size=40)
+  small = synthetic_task(num_train=1, num_eval=10, image_size=32, seed=1)
+  eval_images = np.concatenate([b.images[b.mask] for b in small.eval_batches(10)])
+  eval_labels = np.concatenate([b.labels[b.mask] for b in small.eval_batches(10)])
+  # Training images are larger than the model's input: only the crop makes them fit.
+  data = TaskData('crops', 4, large.train_images, large.train_labels,
+                  array_eval_batches(eval_images, eval_labels), 10, train_crop=32,
+                  train_augment=augment)
+  results = train_on_task(tiny_config(epochs=2), str(tmp_path), data)
+  assert results['num_eval'] == 10 and np.isfinite(read_metrics(str(tmp_path))[-1]['loss'])

@@ -8,7 +8,6 @@ then a centre crop), both from the stored training canvas.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Callable
@@ -22,19 +21,13 @@ AUGMENTATIONS = ('crop_flip', 'random_resized_crop')
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentedTaskData(TaskData):
-  """TaskData whose `train_crop` is taken with `train_augment` (one of AUGMENTATIONS)."""
-  train_augment: str = 'crop_flip'
-
-
 def train_augmentation(task: TaskData) -> Augment:
   """(key, uint8 images) -> uint8 training inputs for `task`: identity without a
   `train_crop`, else the task's crop (random crop + flip unless it asks for
   random_resized_crop)."""
   if task.train_crop is None:
     return lambda key, images: images
-  kind = getattr(task, 'train_augment', 'crop_flip')
+  kind = task.train_augment
   if kind == 'crop_flip':
     return functools.partial(random_crop_flip, size=task.train_crop)
   if kind == 'random_resized_crop':

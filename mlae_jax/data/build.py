@@ -23,7 +23,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'source': 'tfds',             # One of SOURCES.
       'task': 'cifar100',           # VTAB task (tfds, folder), FGVC task (fgvc).
-      'data_dir': None,             # TFDS data dir (None: TFDS default) / folder root.
+      'data_dir': '',               # TFDS data dir ('': TFDS default) / folder root.
       'train_split': 'train800val200',  # VTAB: train800|val200|train800val200|test; FGVC: train.
       'eval_split': 'test',         # FGVC: val or test.
       'image_size': 224,
@@ -80,10 +80,7 @@ def build_task_data(config: Any) -> TaskData:
                        f'(e.g. <data_dir>/{task.folder}/train.json).')
     data = fgvc.load_fgvc_task(task, data_dir=data_dir, train_split=train_split,
                                eval_split=eval_split, image_size=image_size, mean=mean, std=std)
-    if augmentation == 'crop_flip':
-      return data
-    fields = {field.name: getattr(data, field.name) for field in dataclasses.fields(data)}
-    return augment.AugmentedTaskData(**fields, train_augment=augmentation)
+    return dataclasses.replace(data, train_augment=augmentation)
 
   task = vtab.get_task(task_name)
   vtab.check_split(train_split)
@@ -97,6 +94,6 @@ def build_task_data(config: Any) -> TaskData:
     return load_folder_task(task, root=data_dir, train_split=train_split, eval_split=eval_split,
                             image_size=image_size, resize=resize, mean=mean, std=std)
   from mlae_jax.data.tfds_source import load_tfds_task
-  return load_tfds_task(task, data_dir=data_dir, train_split=train_split, eval_split=eval_split,
+  return load_tfds_task(task, data_dir=data_dir or None, train_split=train_split, eval_split=eval_split,
                         image_size=image_size, resize=resize, mean=mean, std=std,
                         download=bool(_field(config, 'download')))

@@ -40,8 +40,11 @@ class TaskData:
       evaluation example exactly once, in a fixed order.
     num_eval: number of evaluation examples (padding excluded).
     mean, std: per-channel normalisation of pixels / 255.
-    train_crop: if set, training takes a random crop of this size and a random
-      horizontal flip (on the device); None uses the stored images as they are.
+    train_crop: if set, training takes a random crop of this size (on the device),
+      as `train_augment` says; None uses the stored images as they are.
+    train_augment: how the crop is taken: 'crop_flip' (random crop + horizontal
+      flip, VPT) or 'random_resized_crop' (+ flip, the MLAE paper); see
+      `mlae_jax.data.augment`.
   """
   name: str
   num_classes: int
@@ -52,6 +55,7 @@ class TaskData:
   mean: tuple[float, float, float] = INCEPTION_MEAN_STD[0]
   std: tuple[float, float, float] = INCEPTION_MEAN_STD[1]
   train_crop: int | None = None
+  train_augment: str = 'crop_flip'
 
 
 def padded_batches(examples: Iterable[tuple[np.ndarray, int]], batch_size: int) -> Iterator[Batch]:

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from mlae_jax.adapters.experts import MASK_RNG
-from mlae_jax.data.task_data import normalize, random_crop_flip
+from mlae_jax.data.augment import Augment
+from mlae_jax.data.task_data import normalize
 from mlae_jax.model.vit import VisionTransformer
 from mlae_jax.partition import combine
 
@@ -33,7 +34,7 @@ class StepConfig:
   batch_size: int
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
-  train_crop: int | None = None
+  augment: Augment | None = None  # (key, uint8 images) -> uint8 training inputs.
 
 
 def epoch_order(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
@@ -60,8 +61,8 @@ def train_step(state: TrainState, frozen: Any, images: jax.Array, labels: jax.Ar
   batch_labels = jnp.take(labels, rows, axis=0)
   step_key = jax.random.fold_in(key, state.step)
   mask_key, dropout_key, crop_key = jax.random.split(step_key, 3)
-  if cfg.train_crop:
-    batch_images = random_crop_flip(crop_key, batch_images, cfg.train_crop)
+  if cfg.augment is not None:
+    batch_images = cfg.augment(crop_key, batch_images)
   inputs = normalize(batch_images, cfg.mean, cfg.std)
 
   def loss_fn(trainable):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mlae_jax.checkpoints.download import resolve_checkpoint
 from mlae_jax.checkpoints.pretrained import init_params, load_pretrained
+from mlae_jax.data.augment import train_augmentation
 from mlae_jax.data.task_data import TaskData
 from mlae_jax.export import export_adapters, export_merged
 from mlae_jax.model.vit import VisionTransformer, create_model
@@ -116,7 +117,7 @@ def train_on_task(config: ml_collections.ConfigDict, workdir: str,
   state, frozen = jax.device_put((state, frozen), replicated)
   images, labels = jax.device_put((data.train_images, data.train_labels), replicated)
   cfg = StepConfig(model, tx, config.batch_size, tuple(data.mean), tuple(data.std),
-                   data.train_crop)
+                   train_augmentation(data) if data.train_crop else None)
   step_fn = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
                     out_shardings=(replicated, replicated))
   eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg), out_shardings=replicated)
