@@ -94,7 +94,7 @@ def test_weights_move_between_the_implementations_both_ways(tmp_path):
     reference.head.bias.copy_(tensor(flatten(params)['head/bias']))
 
   # JAX -> PyTorch: load our exported adapters into the PyTorch layers.
-  state = {k: torch.from_numpy(v) for k, v in export_torch_state(model, params).items()}
+  state = {k: torch.from_numpy(np.array(v)) for k, v in export_torch_state(model, params).items()}
   missing, unexpected = reference.load_state_dict(state, strict=False)
   assert not unexpected and not any('lora' in k for k in missing)
   with torch.no_grad():
