@@ -5,6 +5,7 @@ setup(
     version='0.1.0',
     description='Masked LoRA Experts (MLAE) for Vision Transformers in JAX/Flax',
     packages=find_packages(include=['mlae_jax', 'mlae_jax.*']),
+    package_data={'mlae_jax': ['assets/*.npz']},
     python_requires='>=3.10',
     install_requires=[
         'jax>=0.4.35',

@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mlae_jax.checkpoints.download import CheckpointDownloadError
-from mlae_jax.training.train import train_and_evaluate
+from mlae_jax.training.train import train_with_baselines
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
                                           lock_config=True)
@@ -25,12 +25,16 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   try:
-    results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    runs = train_with_baselines(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, CheckpointDownloadError) as error:
     sys.exit(f'mlae_jax: {error}')  # Bad input: the message says what to fix.
-  print(f'{results["task"]}: final-epoch accuracy {results["final_epoch_accuracy"]:.4f}, '
-        f'best of evaluations {results["best_of_evaluations_accuracy"]:.4f} '
-        f'(epoch {results["best_of_evaluations_epoch"]}); results in {_WORKDIR.value}')
+  first = next(iter(runs.values()))
+  print(f'{first["task"]}: test accuracy on {first["num_eval"]} images; results in '
+        f'{_WORKDIR.value}')
+  print(f'{"method":14s}{"trained params":>16s}{"final epoch":>13s}{"best of evals":>15s}')
+  for name, results in runs.items():
+    print(f'{name:14s}{results["trainable_params"]:16,d}{results["final_epoch_accuracy"]:13.4f}'
+          f'{results["best_of_evaluations_accuracy"]:15.4f}')
 
 
 if __name__ == '__main__':

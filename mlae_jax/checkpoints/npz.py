@@ -40,6 +40,9 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None
   try:
     with os.fdopen(handle, 'wb') as f:
       np.savez(f, **{key: np.asarray(value) for key, value in arrays.items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users.
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -14,7 +14,7 @@ import ml_collections
 from mlae_jax.data import augment, fgvc, preprocess, vtab
 from mlae_jax.data.task_data import IMAGENET_MEAN_STD, INCEPTION_MEAN_STD, TaskData
 
-SOURCES = ('tfds', 'folder', 'fgvc', 'synthetic')
+SOURCES = ('tfds', 'folder', 'fgvc', 'synthetic', 'digits')
 NORMALIZATIONS = {'inception': INCEPTION_MEAN_STD, 'imagenet': IMAGENET_MEAN_STD}
 
 
@@ -31,7 +31,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       'normalization': 'inception',  # inception (0.5 mean/std, the paper) | imagenet.
       'fgvc_augment': 'crop_flip',  # crop_flip (VPT) | random_resized_crop (MLAE paper).
       'download': False,            # tfds: let TFDS download and prepare missing data.
-      # synthetic source only:
+      # synthetic source (all four) and digits source (num_train, seed):
       'num_classes': 4,
       'num_train': 64,
       'num_eval': 40,
@@ -70,6 +70,12 @@ def build_task_data(config: Any) -> TaskData:
                           num_train=_field(config, 'num_train'),
                           num_eval=_field(config, 'num_eval'), image_size=image_size,
                           seed=_field(config, 'seed'))
+    return dataclasses.replace(task, mean=mean, std=std)
+
+  if source == 'digits':
+    from mlae_jax.data.digits import digits_task
+    task = digits_task(task_name, num_train=_field(config, 'num_train'), image_size=image_size,
+                       seed=_field(config, 'seed'))
     return dataclasses.replace(task, mean=mean, std=std)
 
   if source == 'fgvc':

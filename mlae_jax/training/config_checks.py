@@ -11,6 +11,12 @@ from mlae_jax.model.variants import get_variant
 from mlae_jax.training.schedules import SCHEDULES
 
 DTYPES = ('auto', 'float32', 'bfloat16')
+# Baselines a run can be compared with: their changes to `config.mlae`.
+BASELINES = {
+    'linear_probe': {'method': 'none'},
+    'lora': {'method': 'lora', 'drop_rate': 0.0, 'coeff_init': 1.0, 'adaptive_coeff': True,
+             'mask': 'stochastic', 'pattern': 'uniform'},
+}
 
 
 def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
@@ -43,3 +49,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(0 <= config.warmup_epochs < config.epochs, 'warmup_epochs', config.warmup_epochs,
           f'must lie in [0, epochs={config.epochs})')
   adapter_config(config)
+  for name in config.get('baselines', ()):
+    require(name in BASELINES, 'baselines', tuple(config.baselines),
+            f'each must be one of {tuple(BASELINES)}')
+
+
+def baseline_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """`config` with its adapter replaced by baseline `name` (and no baselines of its own)."""
+  baseline = ml_collections.ConfigDict(config.to_dict())
+  baseline.mlae.update(BASELINES[name])
+  baseline.baselines = ()
+  return baseline

@@ -60,4 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.export_merged = True
   config.progress_bar = True
+  # Also train these on the same task, each in <workdir>/baselines/<name>, and compare:
+  # 'linear_probe' (head only) and 'lora' (LoRA of the same rank and placement).
+  config.baselines = ()
   return config

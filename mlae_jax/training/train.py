@@ -74,6 +74,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return train_on_task(config, workdir, build_task_data(config.data))
 
 
+def train_with_baselines(config: ml_collections.ConfigDict,
+                         workdir: str) -> dict[str, dict[str, Any]]:
+  """`train_and_evaluate`, then each of `config.baselines` on the same task in
+  `<workdir>/baselines/<name>`; returns the results by name, the configured method first."""
+  config_checks.validate(config)
+  method = config.mlae.method if config.mlae.method != 'none' else 'linear_probe'
+  results = {method: train_and_evaluate(config, workdir)}
+  for name in config.baselines:
+    results[name] = train_and_evaluate(config_checks.baseline_config(config, name),
+                                       os.path.join(workdir, 'baselines', name))
+  return results
+
+
 def train_on_task(config: ml_collections.ConfigDict, workdir: str,
                   data: TaskData) -> dict[str, Any]:
   """`train_and_evaluate` on task data that is already built."""
