@@ -1,0 +1,342 @@
+r"""A sweep over a benchmark's tasks and seeds: one `train_and_evaluate` run per
+(task, seed) in `<root>/<benchmark>/<task>/seed_<n>`, from the task's config file
+(`configs/<benchmark>.py:<task>`) with the same overrides for every run.
+
+  python -m mlae_jax.sweeps.runner --benchmark=vtab --tasks=all --seeds=0,1,2 --root=runs \
+      --config.data.data_dir=/data/tfds
+
+Re-running the same command skips finished runs (results.json present) and resumes
+unfinished ones from their latest checkpoint, so a sweep can be interrupted at any time.
+A workdir whose saved config.json differs from the run's config (other than where data
+and checkpoint files live) is refused rather than skipped or resumed, so runs made with
+other settings never enter the same table. Runs go seed-major (every task of the first
+seed, then the next seed), so a whole table exists early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+from mlae_jax.sweeps import layout
+
+TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
+
+# Fields a re-run may change without changing the run: where files live, and display.
+LOCATION_FIELDS = ('progress_bar', 'cache_dir', 'download', 'data.data_dir', 'data.download')
+REPO_CONFIGS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs')
+SKIPPED, TRAINED, RESUMED, FAILED = 'skipped', 'trained', 'resumed', 'failed'
+# Fields a sweep sets itself or cannot honour -> why they cannot be overridden.
+RESERVED = {
+    'seed': 'the sweep sets it from --seeds',
+    'baselines': 'a sweep trains one method per root; sweep a baseline under its own root '
+                 '(e.g. --config.mlae.method=lora --root=runs/lora)',
+}
+
+
+class WorkdirConflict(ValueError):
+  """A workdir holds a run made with another config."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+  benchmark: str
+  task: str
+  seed: int
+  workdir: str
+  config: ml_collections.ConfigDict
+  name: str = ''  # For messages; defaults to <benchmark>/<task> seed <n>.
+
+  def __str__(self) -> str:
+    return self.name or f'{self.benchmark}/{self.task} seed {self.seed}'
+
+
+@dataclasses.dataclass
+class SweepSummary:
+  """What a sweep did: (run, outcome, detail) per run, in order."""
+  outcomes: list[tuple[Run, str, str]] = dataclasses.field(default_factory=list)
+
+  def runs(self, outcome: str) -> list[Run]:
+    return [run for run, o, _ in self.outcomes if o == outcome]
+
+  @property
+  def failed(self) -> list[tuple[Run, str]]:
+    return [(run, detail) for run, o, detail in self.outcomes if o == FAILED]
+
+  def __str__(self) -> str:
+    counts = ', '.join(f'{len(self.runs(o))} {o}' for o in (SKIPPED, TRAINED, RESUMED, FAILED))
+    lines = [f'{len(self.outcomes)} runs: {counts}.']
+    lines += [f'  failed: {run} ({run.workdir}): {detail}' for run, detail in self.failed]
+    return '\n'.join(lines)
+
+
+def load_config_module(benchmark: str, configs_dir: str | None = None) -> Any:
+  """`<configs_dir>/<benchmark>.py` (default: the repository's configs/) as a module."""
+  path = os.path.join(configs_dir or REPO_CONFIGS_DIR, f'{benchmark}.py')
+  if not os.path.isfile(path):
+    raise ValueError(f'No config file {path} for benchmark {benchmark!r}; pass --configs_dir '
+                     'the folder holding <benchmark>.py (the repository\'s configs/).')
+  spec = importlib.util.spec_from_file_location(f'mlae_jax_sweep_configs_{benchmark}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'{path} has no get_config(task).')
+  return module
+
+
+def task_names(benchmark: str, tasks: str | Sequence[str]) -> tuple[str, ...]:
+  """`tasks` as a tuple; 'all' is every task of a known benchmark, in the paper's order."""
+  from mlae_jax.sweeps.benchmarks import BENCHMARKS
+
+  if isinstance(tasks, str):
+    if tasks == 'all':
+      if benchmark not in BENCHMARKS:
+        raise ValueError(f'--tasks=all needs a known benchmark ({", ".join(BENCHMARKS)}); '
+                         f'name the tasks of {benchmark!r}.')
+      return BENCHMARKS[benchmark].tasks
+    tasks = [task.strip() for task in tasks.split(',') if task.strip()]
+  if not tasks or len(set(tasks)) != len(tasks):
+    raise ValueError(f'Name each task once (or use all), got {list(tasks)}.')
+  return tuple(tasks)
+
+
+def parse_seeds(seeds: str | Sequence[int]) -> tuple[int, ...]:
+  """'0,1,2' or '0-2' (or ints) -> (0, 1, 2)."""
+  if isinstance(seeds, str):
+    values: list[int] = []
+    for part in filter(None, (p.strip() for p in seeds.split(','))):
+      first, _, last = part.partition('-')
+      try:
+        values += range(int(first), int(last or first) + 1)
+      except ValueError:
+        raise ValueError(f'Bad seeds {seeds!r}: use e.g. 0,1,2 or 0-2.') from None
+    seeds = values
+  seeds = tuple(int(seed) for seed in seeds)
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise ValueError(f'Name each seed (>= 0) once, got {list(seeds)}.')
+  return seeds
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    reserved: Mapping[str, str] = {}) -> ml_collections.ConfigDict:
+  """Sets dotted `overrides` ({'epochs': 100, 'data.data_dir': '/data'}) on `config`;
+  each must name an existing field, and none a `reserved` one (field -> why)."""
+  for key, value in overrides.items():
+    if key in reserved:
+      raise ValueError(f'config.{key} cannot be overridden in a sweep: {reserved[key]}.')
+    target = config
+    *parents, leaf = key.split('.')
+    for depth, parent in enumerate(parents):
+      if not isinstance(target, ml_collections.ConfigDict) or parent not in target:
+        raise ValueError(f'Unknown config field config.{".".join(parents[:depth + 1])} '
+                         f'(in override {key}).')
+      target = target[parent]
+    if not isinstance(target, ml_collections.ConfigDict) or leaf not in target:
+      raise ValueError(f'Unknown config field config.{key}.')
+    try:
+      target[leaf] = value
+    except TypeError as error:
+      raise ValueError(f'Bad override config.{key} = {value!r}: {error}') from None
+  return config
+
+
+def task_config(benchmark: str, task: str, seed: int, overrides: Mapping[str, Any] = {},
+                configs_dir: str | None = None,
+                module: Any = None) -> ml_collections.ConfigDict:
+  """The run config of (task, seed): the config file's get_config(task), the overrides,
+  then the seed."""
+  module = module or load_config_module(benchmark, configs_dir)
+  config = apply_overrides(module.get_config(task), overrides, reserved=RESERVED)
+  config.seed = seed
+  return config
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_differences(saved: Mapping[str, Any],
+                       config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """field -> (saved, new) for fields both configs have that differ, except the
+  LOCATION_FIELDS (fields only one of them has cannot be told apart from version drift)."""
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  old = _flatten(saved)
+  return {key: (old[key], new[key]) for key in sorted(set(old) & set(new))
+          if key not in LOCATION_FIELDS and old[key] != new[key]}
+
+
+def check_workdir(run: Run) -> None:
+  """Raises WorkdirConflict if `run.workdir` holds a run made with another config."""
+  path = os.path.join(run.workdir, layout.CONFIG_FILE)
+  if not os.path.isfile(path):
+    return
+  try:
+    saved = layout.read_json(path)
+  except (OSError, ValueError) as error:
+    raise WorkdirConflict(f'{path} is unreadable ({error}); move the workdir away.') from None
+  differences = config_differences(saved, run.config)
+  if differences:
+    listed = '; '.join(f'{key}: {old!r} there, {new!r} now'
+                       for key, (old, new) in list(differences.items())[:8])
+    raise WorkdirConflict(
+        f'{run.workdir} holds a run of {run} with another config ({listed}). Use another '
+        '--root for other settings, or delete that workdir to redo it.')
+
+
+def plan(benchmark: str, tasks: str | Sequence[str], seeds: str | Sequence[int], root: str,
+         overrides: Mapping[str, Any] = {}, configs_dir: str | None = None) -> list[Run]:
+  """Every (seed, task) run of the sweep, seed-major, with its config, each workdir
+  checked against its saved config; nothing is trained."""
+  module = load_config_module(benchmark, configs_dir)
+  runs = [Run(benchmark, task, seed, layout.run_workdir(root, benchmark, task, seed),
+              task_config(benchmark, task, seed, overrides, module=module))
+          for seed in parse_seeds(seeds) for task in task_names(benchmark, tasks)]
+  for run in runs:
+    check_workdir(run)
+  return runs
+
+
+def shard(runs: Sequence[Run], spec: str) -> list[Run]:
+  """The runs of shard 'i/n' (every n-th run from the i-th), to split a sweep over
+  processes or machines that share the root; '' is all of them."""
+  if not spec:
+    return list(runs)
+  try:
+    index, count = (int(part) for part in spec.split('/'))
+  except ValueError:
+    raise ValueError(f'Bad shard {spec!r}: use i/n, e.g. 0/4.') from None
+  if not 0 <= index < count:
+    raise ValueError(f'Bad shard {spec!r}: need 0 <= i < n.')
+  return list(runs[index::count])
+
+
+def describe(run: Run) -> str:
+  """The run's state, e.g. 'finished', 'unfinished (checkpoint after epoch 25)', 'new'."""
+  state = layout.status(run.workdir)
+  if state == layout.UNFINISHED:
+    epoch = layout.latest_checkpoint_epoch(run.workdir)
+    return f'{state} (checkpoint after epoch {epoch})' if epoch else f'{state} (no checkpoint)'
+  return state
+
+
+def default_train_fn() -> TrainFn:
+  from mlae_jax.training.train import train_and_evaluate
+  return train_and_evaluate
+
+
+def execute(runs: Sequence[Run], train_fn: TrainFn | None = None,
+            keep_going: bool = False) -> SweepSummary:
+  """Trains every run that has not finished (resuming unfinished ones) and skips the
+  finished ones. A failure stops the sweep, or with `keep_going` is recorded and the
+  sweep goes on."""
+  train_fn = train_fn or default_train_fn()
+  summary = SweepSummary()
+  for index, run in enumerate(runs, 1):
+    where = f'[{index}/{len(runs)}] {run}'
+    state = layout.status(run.workdir)
+    if state == layout.FINISHED:
+      logging.info('%s: finished, skipped.', where)
+      summary.outcomes.append((run, SKIPPED, ''))
+      continue
+    outcome = RESUMED if state == layout.UNFINISHED else TRAINED
+    logging.info('%s: %s -> training in %s.', where, describe(run), run.workdir)
+    started = time.time()
+    try:
+      train_fn(run.config, run.workdir)
+      if layout.status(run.workdir) != layout.FINISHED:
+        raise RuntimeError(f'training returned without writing {layout.RESULTS_FILE}')
+    except Exception as error:  # pylint: disable=broad-except
+      if not keep_going:
+        raise
+      logging.error('%s failed:\n%s', where, traceback.format_exc())
+      summary.outcomes.append((run, FAILED, f'{type(error).__name__}: {error}'))
+      continue
+    summary.outcomes.append((run, outcome, f'{time.time() - started:.1f} s'))
+  return summary
+
+
+def run_sweep(benchmark: str, tasks: str | Sequence[str], seeds: str | Sequence[int],
+              root: str, overrides: Mapping[str, Any] = {}, train_fn: TrainFn | None = None,
+              configs_dir: str | None = None, keep_going: bool = False,
+              shard_spec: str = '') -> SweepSummary:
+  """plan + execute: the sweep of `tasks` x `seeds` under `root`."""
+  runs = plan(benchmark, tasks, seeds, root, overrides, configs_dir)
+  return execute(shard(runs, shard_spec), train_fn, keep_going)
+
+
+def set_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory`: the runs of a sweep share
+  compiled steps whenever their shapes agree (the same model, batch and class count)."""
+  import jax
+
+  jax.config.update('jax_compilation_cache_dir', os.path.abspath(directory))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import app, flags
+  from absl import logging as absl_logging
+
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  absl_logging.set_verbosity(absl_logging.INFO)
+  values = flags.FLAGS
+  overrides = flags.FLAGS['config'].override_values
+  try:
+    runs = shard(plan(values.benchmark, values.tasks, values.seeds, values.root, overrides,
+                      values.configs_dir or None), values.shard)
+  except ValueError as error:
+    sys.exit(f'mlae_jax: {error}')
+  if values.dry_run:
+    for run in runs:
+      print(f'{run}: {describe(run)}  {run.workdir}')
+    return
+  if values.compilation_cache:
+    set_compilation_cache(values.compilation_cache)
+  try:
+    summary = execute(runs, keep_going=values.keep_going)
+  except (ValueError, FileNotFoundError) as error:
+    sys.exit(f'mlae_jax: {error}')  # Bad input (config, data): the message says what to fix.
+  print(summary)
+  if summary.failed:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from mlae_jax.training.defaults import base_config
+
+  flags.DEFINE_string('benchmark', 'vtab', 'The config file configs/<benchmark>.py to sweep.')
+  flags.DEFINE_string('tasks', 'all', 'Comma-separated tasks, or all.')
+  flags.DEFINE_string('seeds', '0', 'Comma-separated seeds (or a range, 0-2).')
+  flags.DEFINE_string('root', None, 'Runs go to <root>/<benchmark>/<task>/seed_<n>.')
+  flags.DEFINE_string('configs_dir', '', 'Folder of <benchmark>.py (default: the repo\'s).')
+  flags.DEFINE_string('shard', '', 'i/n: run only every n-th run from the i-th.')
+  flags.DEFINE_bool('dry_run', False, 'List the runs and their state; train nothing.')
+  flags.DEFINE_bool('keep_going', False, 'Go on after a failed run (exit status 1 at the end).')
+  flags.DEFINE_string('compilation_cache', '', 'A folder for JAX\'s persistent compilation '
+                      'cache, shared by the runs (default: off).')
+  config_flags.DEFINE_config_dict(
+      'config', base_config(), 'Overrides applied to every run: --config.<field>=<value>, '
+      'as for mlae_jax.main.')
+  flags.mark_flag_as_required('root')
+  app.run(main)
