@@ -1,4 +1,4 @@
-"""Fine-tunes a ViT with MLAE on one task.
+r"""Fine-tunes a ViT with MLAE on one task.
 
   python -m mlae_jax.main --config=configs/vtab.py:svhn --workdir=runs/svhn \
       --config.mlae.drop_rate=0.3
