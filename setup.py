@@ -15,6 +15,7 @@ setup(
         'tensorflow-datasets>=4.9.4',
         # TFDS runs its input pipelines on TensorFlow; the CPU build suffices.
         'tensorflow-cpu>=2.16',
+        'importlib_resources',  # etils (TFDS's download_and_prepare) needs it.
         'ml_collections>=0.1.1',
         'tensorboard',  # TensorBoard event files (flax.metrics.tensorboard).
         'absl-py',

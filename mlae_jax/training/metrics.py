@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from typing import Any, Iterable
 
-# TensorBoard's own event writer: pure Python, so training never loads TensorFlow.
+# TensorBoard's record format written with its pure-Python record writer on a plain
+# file: training never loads TensorFlow (its EventFileWriter would, via tf.io.gfile).
 from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 
 class MetricsLog:
@@ -19,7 +21,11 @@ class MetricsLog:
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tensorboard = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+    directory = os.path.join(workdir, 'tensorboard')
+    os.makedirs(directory, exist_ok=True)
+    name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}'
+    self._tensorboard = RecordWriter(open(os.path.join(directory, name), 'wb'))
+    self._write_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def reset(self, records: Iterable[dict[str, Any]]) -> None:
     with open(self.path, 'w') as f:
@@ -32,8 +38,11 @@ class MetricsLog:
     values = [summary_pb2.Summary.Value(tag=f'{record["kind"]}/{name}', simple_value=value)
               for name, value in record.items()
               if name not in ('step', 'epoch', 'kind') and isinstance(value, (int, float))]
-    self._tensorboard.add_event(event_pb2.Event(
-        wall_time=time.time(), step=record['step'], summary=summary_pb2.Summary(value=values)))
+    self._write_event(event_pb2.Event(wall_time=time.time(), step=record['step'],
+                                      summary=summary_pb2.Summary(value=values)))
+
+  def _write_event(self, event: event_pb2.Event) -> None:
+    self._tensorboard.write(event.SerializeToString())
     self._tensorboard.flush()
 
   def close(self) -> None:
