@@ -223,7 +223,7 @@ def test_cli_resumes_a_killed_run_to_the_uninterrupted_result(tmp_path):
   epochs = '--config.epochs=8'
   straight = run_cli(tmp_path / 'straight', epochs)
   assert straight.returncode == 0, straight.stderr[-3000:]
-  assert 'final-epoch accuracy' in straight.stdout
+  assert 'final epoch' in straight.stdout and 'best of evals' in straight.stdout
 
   workdir = tmp_path / 'killed'
   process = run_cli(workdir, epochs, wait=False)
