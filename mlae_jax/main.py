@@ -23,7 +23,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.INFO)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Libraries' INFO chatter; --verbosity=0 shows it.
   try:
     runs = train_with_baselines(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, CheckpointDownloadError) as error:

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -122,7 +123,7 @@ def train_on_task(config: ml_collections.ConfigDict, workdir: str,
   start_epoch = checkpoints.latest_epoch() or 0
   if start_epoch:
     state, history = checkpoints.restore(start_epoch, state)
-    logging.info('Resuming from the checkpoint after epoch %d.', start_epoch)
+    _report(f'Resuming from the checkpoint after epoch {start_epoch}.')
   log = MetricsLog(workdir)
   log.reset(sorted(history['train'] + history['eval'], key=lambda r: (r['epoch'], r['kind'])))
 
@@ -176,7 +177,7 @@ def train_on_task(config: ml_collections.ConfigDict, workdir: str,
       result = {'kind': 'eval', 'epoch': epoch + 1, 'step': int(state.step), **evaluate()}
       history['eval'].append(result)
       log.write(result)
-      logging.info('epoch %d: eval accuracy %.4f', epoch + 1, result['accuracy'])
+      _report(f'epoch {epoch + 1}: eval accuracy {result["accuracy"]:.4f}')
     if (epoch + 1) % config.checkpoint_every_epochs == 0 or last:
       checkpoints.save(epoch + 1, state, history)
   bar.close()
@@ -189,6 +190,12 @@ def train_on_task(config: ml_collections.ConfigDict, workdir: str,
   with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
     json.dump(results, f, indent=2)
   return results
+
+
+def _report(message: str) -> None:
+  """A progress message on the console (beside the progress bar) and in the log."""
+  tqdm.write(message, file=sys.stderr)
+  logging.info(message)
 
 
 def _results(config, data: TaskData, model: VisionTransformer, params: Any,
