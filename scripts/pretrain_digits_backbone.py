@@ -10,7 +10,6 @@ import functools
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

@@ -17,7 +17,7 @@ from mlae_jax.checkpoints import (CheckpointDownloadError, CheckpointError, load
 from mlae_jax.checkpoints import layout
 from mlae_jax.checkpoints.posemb import resize_pos_embedding
 from mlae_jax.model import create_model, get_variant
-from tiny import TINY, images, init, tiny_model
+from tiny import images, init, tiny_model
 
 SIZE = dict(hidden=32, mlp=64, heads=4, layers=3, patch=8, image_size=32)
 

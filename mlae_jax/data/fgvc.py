@@ -13,12 +13,11 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Iterator
 
 import numpy as np
 
 from mlae_jax.data import image_files, parallel, preprocess
-from mlae_jax.data.task_data import Batch, TaskData, padded_batches
+from mlae_jax.data.task_data import TaskData
 
 SPLITS = ('train', 'val', 'test')
 
@@ -152,11 +151,9 @@ def load_fgvc_task(task: FgvcTask, *, data_dir: str, train_split: str, eval_spli
   train_images = parallel.map_into_array(load_train, train_paths, len(train_paths),
                                          (canvas, canvas, 3), workers)
 
-  def eval_batches(batch_size: int) -> Iterator[Batch]:
-    images = parallel.ordered_map(load_eval, eval_paths, workers)
-    return padded_batches(zip(images, eval_labels), batch_size)
-
   return TaskData(name=task.name, num_classes=task.num_classes, train_images=train_images,
-                  train_labels=train_labels, eval_batches=eval_batches,
+                  train_labels=train_labels,
+                  eval_batches=image_files.streamed_eval_batches(load_eval, eval_paths,
+                                                                 eval_labels, workers),
                   num_eval=len(eval_paths), mean=tuple(mean), std=tuple(std),
                   train_crop=image_size)

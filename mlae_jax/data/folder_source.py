@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator
 
 import numpy as np
 
 from mlae_jax.data import image_files, parallel, preprocess
-from mlae_jax.data.task_data import Batch, TaskData, padded_batches
+from mlae_jax.data.task_data import TaskData
 from mlae_jax.data.vtab import VtabTask
 
 
@@ -79,10 +78,8 @@ def load_folder_task(task: VtabTask, *, root: str, train_split: str, eval_split:
   train_images = parallel.map_into_array(load, train_paths, len(train_paths),
                                          (image_size, image_size, 3), workers)
 
-  def eval_batches(batch_size: int) -> Iterator[Batch]:
-    images = parallel.ordered_map(load, eval_paths, workers)
-    return padded_batches(zip(images, eval_labels), batch_size)
-
   return TaskData(name=task.name, num_classes=task.num_classes, train_images=train_images,
-                  train_labels=train_labels, eval_batches=eval_batches,
+                  train_labels=train_labels,
+                  eval_batches=image_files.streamed_eval_batches(load, eval_paths, eval_labels,
+                                                                 workers),
                   num_eval=len(eval_paths), mean=tuple(mean), std=tuple(std))

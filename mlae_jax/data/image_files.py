@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+
+from mlae_jax.data import parallel
+from mlae_jax.data.task_data import Batch, padded_batches
 
 
 def read_rgb(path: str) -> np.ndarray:
@@ -31,3 +34,12 @@ def check_exist(paths: Sequence[str], listed_in: str) -> None:
     raise FileNotFoundError(
         f'{len(missing)} of the {len(paths)} images listed in {listed_in} are missing:\n  '
         f'{shown}{more}')
+
+
+def streamed_eval_batches(load: Callable[[str], np.ndarray], paths: Sequence[str],
+                          labels: Sequence[int], workers: int) -> Callable[[int], Iterator[Batch]]:
+  """`TaskData.eval_batches` that decodes the listed files in order, on `workers` threads,
+  as the batches are consumed."""
+  def eval_batches(batch_size: int) -> Iterator[Batch]:
+    return padded_batches(zip(parallel.ordered_map(load, paths, workers), labels), batch_size)
+  return eval_batches

@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
