@@ -342,3 +342,36 @@ def test_training_crops_fgvc_style_tasks_on_the_device(augment, tmp_path):
                   train_augment=augment)
   results = train_on_task(tiny_config(epochs=2), str(tmp_path), data)
   assert results['num_eval'] == 10 and np.isfinite(read_metrics(str(tmp_path))[-1]['loss'])
+
+
+SHARDED_FLOPS_SCRIPT = '''
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh
+sys.path.insert(0, 'tests')
+from test_training import step_setup
+from mlae_jax.training import parallel
+from mlae_jax.training.steps import StepConfig, jit_train_step
+model, cfg, state, frozen, images, labels = step_setup(batch_size=16, num_train=32)
+flops = {}
+for devices in (1, 8):
+  mesh = Mesh(np.asarray(jax.devices()[:devices]), (parallel.DATA_AXIS,))
+  sharded = StepConfig(**{**cfg.__dict__, 'batch_sharding': parallel.batch_sharding(mesh)})
+  args = jax.device_put((state, frozen, images, labels, np.arange(32, dtype=np.int32)),
+                        parallel.replicated(mesh))
+  compiled = jit_train_step(sharded, parallel.replicated(mesh)).lower(
+      *args, np.int32(0), jax.random.key(0)).compile()
+  flops[devices] = compiled.cost_analysis()['flops']
+print(json.dumps(flops))
+'''
+
+
+def test_each_device_computes_only_its_share_of_the_batch():
+  # Replicated training data must not make every device run the whole batch.
+  result = subprocess.run([sys.executable, '-c', SHARDED_FLOPS_SCRIPT], cwd=REPO, text=True,
+                          capture_output=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=REPO,
+                                   XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  flops = json.loads(result.stdout.strip().splitlines()[-1])
+  assert flops['8'] < flops['1'] / 4, flops

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from mlae_jax.adapters.config import LayerExperts
+from mlae_jax.partition import ADAPTER_PREFIX
 
 # Named PRNG stream of the expert masks; input dropout uses flax's 'dropout'.
 MASK_RNG = 'expert_mask'
+# Optional variable collection of traced per-layer drop rates (a leaf 'rate' per
+# adapter), which replace the static ones: how K configurations that differ in
+# their drop rates train in one vmapped step.
+DROP_RATES = 'expert_drop_rates'
 
 # torch.nn.init.kaiming_uniform_(a=sqrt(5)) on an (r, d_in) tensor: U(+-1/sqrt(d_in)).
 kaiming_uniform_a_sqrt5 = nn.initializers.variance_scaling(
@@ -47,16 +52,38 @@ class LowRankExperts(nn.Module):
     coeff = expert_coefficients(s, self.param(
         'coeff', nn.initializers.constant(s.coeff_init), (s.experts,), self.param_dtype)
                                 if s.adaptive_coeff else None)
-    if train and s.drop_rate > 0:
+    traced_rate = self.has_variable(DROP_RATES, 'rate')
+    rate = self.get_variable(DROP_RATES, 'rate') if traced_rate else s.drop_rate
+    if train and (traced_rate or s.drop_rate > 0):
       # Per example: (batch, 1, ..., 1, r) broadcasts over tokens; else (r,).
       mask_shape = ((x.shape[0],) + (1,) * (x.ndim - 2) + (s.experts,)
                     if s.per_example_mask else (s.experts,))
-      keep = jax.random.bernoulli(self.make_rng(MASK_RNG), 1.0 - s.drop_rate, mask_shape)
+      keep = jax.random.bernoulli(self.make_rng(MASK_RNG), 1.0 - rate, mask_shape)
       self.sow('intermediates', 'expert_mask', keep)
-      coeff = jnp.where(keep, coeff / (1.0 - s.drop_rate), 0.0)
+      coeff = jnp.where(keep, coeff / (1.0 - rate), 0.0)
     if train and s.input_dropout > 0:
       x = nn.Dropout(s.input_dropout, deterministic=False)(x)
     dtype = self.dtype or x.dtype
     hidden = jnp.einsum('...i,ri->...r', x.astype(dtype), a.astype(dtype))
     hidden = hidden * coeff.astype(dtype)
     return jnp.einsum('...r,ro->...o', hidden, b.astype(dtype))
+
+
+def drop_rate_variables(layer_experts: Sequence[LayerExperts | None], params: Mapping[str, Any]
+                        ) -> dict[str, Any]:
+  """The DROP_RATES collection for a model's params: each adapter of block i gets
+  `layer_experts[i].drop_rate` (so another configuration's rates can be traced in)."""
+
+  def walk(tree, block):
+    out = {}
+    for name, sub in tree.items():
+      if name.startswith(ADAPTER_PREFIX):
+        out[name] = {'rate': jnp.asarray(layer_experts[block].drop_rate, jnp.float32)}
+      elif isinstance(sub, Mapping):
+        index = int(name.rsplit('_', 1)[1]) if name.startswith('encoderblock_') else block
+        inner = walk(sub, index)
+        if inner:
+          out[name] = inner
+    return out
+
+  return walk(params, None)

@@ -21,6 +21,7 @@ from flax import linen as nn
 from mlae_jax.adapters.config import (ATTENTION_TARGETS, MLP_TARGETS, AdapterConfig,
                                       LayerExperts)
 from mlae_jax.adapters.experts import LowRankExperts
+from mlae_jax.model.attention import dot_product_attention
 from mlae_jax.model.variants import get_variant
 from mlae_jax.partition import ADAPTER_PREFIX
 
@@ -58,10 +59,14 @@ def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> j
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention computed with one fused q-k-v matrix product.
+  """Multi-head self-attention over the checkpoint's query/key/value/out weights.
 
-  The output columns of the fused projection are ordered (q|k|v, head, head_dim),
-  as in timm's `attn.qkv`, so a 'qkv' adapter's B is interchangeable with it.
+  The q, k and v products are taken separately (no per-step concatenation of the
+  frozen kernels). A 'qkv' adapter spans all three: its output columns are ordered
+  (q|k|v, head, head_dim) as timm's fused `attn.qkv`, so its B is interchangeable.
+  With `query_tokens`, only the first that many tokens attend (keys and values
+  still come from every token): the last block of a class-token classifier needs
+  no more.
   """
   num_heads: int
   adapters: tuple[str, ...] = ()
@@ -70,26 +75,25 @@ class SelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, query_tokens: int | None = None) -> jax.Array:
     d = x.shape[-1]
     heads, head_dim = self.num_heads, d // self.num_heads
     adapter = functools.partial(
         LowRankExperts, self.experts, dtype=self.dtype, param_dtype=self.param_dtype)
     weights = functools.partial(LinearWeights, param_dtype=self.param_dtype)
-    q_k_v = [weights((d,), (heads, head_dim), name=n)() for n in ('query', 'key', 'value')]
-    kernel = jnp.concatenate([w for w, _ in q_k_v], axis=1)
-    bias = jnp.concatenate([b for _, b in q_k_v])
-    qkv = _linear(x, kernel, bias, self.dtype)
+    inputs = dict(query=x[:, :query_tokens], key=x, value=x)
+    projected = {name: _linear(inputs[name], *weights((d,), (heads, head_dim), name=name)(),
+                               self.dtype) for name in ('query', 'key', 'value')}
     if 'qkv' in self.adapters:
-      qkv = qkv + adapter(3 * d, name=ADAPTER_PREFIX + 'qkv')(x, train=train)
-    q, k, v = jnp.split(qkv, 3, axis=-1)
-    adapted = []
-    for name, y in zip(('query', 'key', 'value'), (q, k, v)):
+      deltas = jnp.split(adapter(3 * d, name=ADAPTER_PREFIX + 'qkv')(x, train=train), 3, axis=-1)
+      for name, delta in zip(('query', 'key', 'value'), deltas):
+        projected[name] += delta[:, :query_tokens] if name == 'query' else delta
+    for name in ('query', 'key', 'value'):
       if name in self.adapters:
-        y = y + adapter(d, name=ADAPTER_PREFIX + name)(x, train=train)
-      adapted.append(y.reshape(y.shape[:-1] + (heads, head_dim)))
-    q, k, v = adapted
-    attended = jax.nn.dot_product_attention(q, k, v).reshape(x.shape[:-1] + (d,))
+        projected[name] += adapter(d, name=ADAPTER_PREFIX + name)(inputs[name], train=train)
+    q, k, v = (projected[n].reshape(projected[n].shape[:-1] + (heads, head_dim))
+               for n in ('query', 'key', 'value'))
+    attended = dot_product_attention(q, k, v).reshape(q.shape[:-2] + (d,))
     kernel, bias = weights((heads, head_dim), (d,), name='out')()
     y = _linear(attended, kernel, bias, self.dtype)
     if 'out' in self.adapters:
@@ -121,12 +125,18 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  With `class_token_only`, the block returns the first token alone (all tokens
+  still serve as keys and values): the same value, for the last block of a
+  classifier that reads the class token, at about a quarter of the work.
+  """
   num_heads: int
   mlp_dim: int
   gelu_approximate: bool
   adapters: tuple[str, ...] = ()
   experts: LayerExperts | None = None
+  class_token_only: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -137,9 +147,11 @@ class EncoderBlock(nn.Module):
     shared = dict(experts=self.experts, dtype=self.dtype, param_dtype=self.param_dtype)
     attention_adapters = tuple(t for t in self.adapters if t in ATTENTION_TARGETS)
     mlp_adapters = tuple(t for t in self.adapters if t in MLP_TARGETS)
-    x = x + SelfAttention(self.num_heads, attention_adapters, **shared,
-                          name='MultiHeadDotProductAttention_0')(
-                              norm(name='LayerNorm_0')(x), train=train)
+    query_tokens = 1 if self.class_token_only else None
+    x = x[:, :query_tokens] + SelfAttention(self.num_heads, attention_adapters, **shared,
+                                            name='MultiHeadDotProductAttention_0')(
+                                                norm(name='LayerNorm_0')(x), train=train,
+                                                query_tokens=query_tokens)
     return x + MlpBlock(self.mlp_dim, self.gelu_approximate, mlp_adapters, **shared,
                         name='MlpBlock_0')(norm(name='LayerNorm_1')(x), train=train)
 
@@ -197,7 +209,8 @@ class VisionTransformer(nn.Module):
                          x], axis=1)
     x = Encoder(self.num_heads, self.mlp_dim, self.gelu_approximate,
                 self.adapter.targets if self.adapter else (), self.layer_experts(),
-                self.dtype, self.param_dtype, name='Transformer')(x, train=train)
+                class_token_only=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                name='Transformer')(x, train=train)
     pre_logits = x[:, 0]
     self.sow('intermediates', 'pre_logits', pre_logits)
     head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
@@ -206,22 +219,28 @@ class VisionTransformer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Position embedding, the blocks (`encoderblock_{i}`) and the final LayerNorm."""
+  """Position embedding, the blocks (`encoderblock_{i}`) and the final LayerNorm.
+
+  With `class_token_only`, only the class token's features come out (batch, 1,
+  hidden), and the last block computes no more than they need.
+  """
   num_heads: int
   mlp_dim: int
   gelu_approximate: bool
   adapters: tuple[str, ...]
   layer_experts: tuple[LayerExperts | None, ...]
+  class_token_only: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
+    last = len(self.layer_experts) - 1
     for index, experts in enumerate(self.layer_experts):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.gelu_approximate, self.adapters,
-                       experts, self.dtype, self.param_dtype,
-                       name=f'encoderblock_{index}')(x, train=train)
+                       experts, self.class_token_only and index == last, self.dtype,
+                       self.param_dtype, name=f'encoderblock_{index}')(x, train=train)
     return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)
 

@@ -229,11 +229,12 @@ def run_grid_search(benchmark: str, task: str, root: str, search_seeds: Sequence
                     points: Sequence[GridPoint] | None = None,
                     train_fn: TrainFn | None = None, configs_dir: str | None = None,
                     stages: Sequence[str] = STAGES, keep_going: bool = False,
-                    dry_run: bool = False) -> dict[str, Any]:
+                    dry_run: bool = False, configs_at_once: int = 1) -> dict[str, Any]:
   """Search (the grid on the search splits), record and choose, then retrain the choice
   on the final splits; finished runs are skipped, unfinished ones resumed. Returns the
   search record (also written to choice.json), with the final runs' summary under
-  'final_summary' when that stage ran."""
+  'final_summary' when that stage ran. With `configs_at_once` = K > 1, the search
+  trains K grid points of a seed at once in one vmapped step."""
   unknown = set(stages) - set(STAGES)
   if unknown:
     raise ValueError(f'Unknown stages {sorted(unknown)}; use {", ".join(STAGES)}.')
@@ -247,7 +248,10 @@ def run_grid_search(benchmark: str, task: str, root: str, search_seeds: Sequence
     for run in runs:
       print(f'{run}: {runner.describe(run)}  {run.workdir}')
   elif 'search' in stages:
-    runner.execute(runs, train_fn, keep_going)
+    if configs_at_once > 1 and train_fn is None:
+      runner.execute_at_once(runs, configs_at_once, keep_going)
+    else:
+      runner.execute(runs, train_fn, keep_going)
   record = search_record(benchmark, task, points, runs, final_seeds, paper_choice)
   if not dry_run:
     write_record(root, record)
@@ -293,7 +297,7 @@ def main(argv: Sequence[str]) -> None:
           flags.FLAGS['config'].override_values, flags.FLAGS['search_config'].override_values,
           points, configs_dir=values.configs_dir or None,
           stages=stages, keep_going=values.keep_going,
-          dry_run=values.dry_run)
+          dry_run=values.dry_run, configs_at_once=values.configs_at_once)
       choice = record['choice']
       print(f'{values.benchmark}/{task}: ' + (
           f'chose p={choice["drop_rate"]:g} coeff={choice["coeff_init"]:g} '
@@ -328,6 +332,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('stages', ','.join(STAGES), 'search, final or both.')
   flags.DEFINE_string('configs_dir', '', 'Folder of <benchmark>.py (default: the repo\'s).')
   flags.DEFINE_bool('dry_run', False, 'List the runs and their state; train nothing.')
+  flags.DEFINE_integer('configs_at_once', 1, 'Grid points of a seed trained at once in one '
+                       'vmapped step (e.g. 6: a row of the grid).', lower_bound=1)
   flags.DEFINE_bool('keep_going', False, 'Go on after a failed run (exit status 1 at the end).')
   flags.DEFINE_string('compilation_cache', '', 'A folder for JAX\'s persistent compilation '
                       'cache, shared by the runs (default: off).')

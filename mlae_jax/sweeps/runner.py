@@ -271,6 +271,51 @@ def execute(runs: Sequence[Run], train_fn: TrainFn | None = None,
   return summary
 
 
+def execute_at_once(runs: Sequence[Run], configs_at_once: int,
+                    keep_going: bool = False) -> SweepSummary:
+  """As `execute`, but the unfinished runs train `configs_at_once` at a time in one
+  vmapped step (`train_and_evaluate_at_once`): runs of the same task and seed, which
+  may differ only in their MLAE drop rate and coefficient (a grid search's points).
+  A group whose runs cannot resume together (checkpointed after different epochs)
+  trains one run at a time instead."""
+  from mlae_jax.training.train import train_and_evaluate, train_and_evaluate_at_once
+
+  summary = SweepSummary()
+  pending: dict[tuple[str, str, int], list[Run]] = {}
+  for run in runs:
+    if layout.status(run.workdir) == layout.FINISHED:
+      logging.info('%s: finished, skipped.', run)
+      summary.outcomes.append((run, SKIPPED, ''))
+    else:
+      pending.setdefault((run.benchmark, run.task, run.seed), []).append(run)
+  groups = [group[i:i + configs_at_once] for group in pending.values()
+            for i in range(0, len(group), configs_at_once)]
+  for index, group in enumerate(groups, 1):
+    outcomes = [RESUMED if layout.status(r.workdir) == layout.UNFINISHED else TRAINED
+                for r in group]
+    logging.info('[group %d/%d] training %d runs at once: %s', index, len(groups), len(group),
+                 '; '.join(map(str, group)))
+    started = time.time()
+    try:
+      try:
+        train_and_evaluate_at_once([r.config for r in group], [r.workdir for r in group])
+      except ValueError as error:
+        if 'different epochs' not in str(error):
+          raise
+        logging.warning('%s; training the group one run at a time.', error)
+        for run in group:
+          train_and_evaluate(run.config, run.workdir)
+    except Exception as error:  # pylint: disable=broad-except
+      if not keep_going:
+        raise
+      logging.error('group %d failed:\n%s', index, traceback.format_exc())
+      summary.outcomes.extend((r, FAILED, f'{type(error).__name__}: {error}') for r in group)
+      continue
+    detail = f'{time.time() - started:.1f} s for {len(group)} at once'
+    summary.outcomes.extend((r, o, detail) for r, o in zip(group, outcomes))
+  return summary
+
+
 def run_sweep(benchmark: str, tasks: str | Sequence[str], seeds: str | Sequence[int],
               root: str, overrides: Mapping[str, Any] = {}, train_fn: TrainFn | None = None,
               configs_dir: str | None = None, keep_going: bool = False,

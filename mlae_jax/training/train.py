@@ -9,15 +9,17 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
+from mlae_jax.adapters.experts import drop_rate_variables
 from mlae_jax.checkpoints.download import resolve_checkpoint
 from mlae_jax.checkpoints.pretrained import init_params, load_pretrained
 from mlae_jax.data.augment import train_augmentation
@@ -30,7 +32,8 @@ from mlae_jax.training.checkpointing import RunCheckpoints
 from mlae_jax.training.metrics import MetricsLog
 from mlae_jax.training.optimizer import make_optimizer
 from mlae_jax.training.schedules import learning_rate_schedule
-from mlae_jax.training.steps import StepConfig, TrainState, epoch_order, eval_step, train_step
+from mlae_jax.training.steps import (StepConfig, TrainState, epoch_order, jit_eval_step,
+                                    jit_train_step)
 
 RESULTS_FILE = 'results.json'
 
@@ -75,6 +78,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return train_on_task(config, workdir, build_task_data(config.data))
 
 
+def train_and_evaluate_at_once(configs: Sequence[ml_collections.ConfigDict],
+                               workdirs: Sequence[str]) -> list[dict[str, Any]]:
+  """`train_and_evaluate` of K configurations (of one task, differing only in
+  PER_CONFIG_FIELDS) in one vmapped step, sharing the task's data; see
+  `train_configs_on_task`."""
+  from mlae_jax.data.build import build_task_data
+
+  for config in configs:
+    config_checks.validate(config)
+  check_trainable_at_once(configs)
+  return train_configs_on_task(configs, workdirs, build_task_data(configs[0].data))
+
+
 def train_with_baselines(config: ml_collections.ConfigDict,
                          workdir: str) -> dict[str, dict[str, Any]]:
   """`train_and_evaluate`, then each of `config.baselines` on the same task in
@@ -91,65 +107,127 @@ def train_with_baselines(config: ml_collections.ConfigDict,
 def train_on_task(config: ml_collections.ConfigDict, workdir: str,
                   data: TaskData) -> dict[str, Any]:
   """`train_and_evaluate` on task data that is already built."""
-  config_checks.validate(config)
+  return train_configs_on_task([config], [workdir], data)[0]
+
+
+# The fields in which configurations trained at once may differ.
+PER_CONFIG_FIELDS = ('mlae.drop_rate', 'mlae.coeff_init')
+
+
+def check_trainable_at_once(configs: Sequence[ml_collections.ConfigDict]) -> None:
+  """Raises unless the configs differ in PER_CONFIG_FIELDS alone (and can vary them)."""
+  def rest(config):
+    flat = json.loads(config.to_json_best_effort())
+    for field in PER_CONFIG_FIELDS:
+      group, name = field.split('.')
+      flat[group].pop(name)
+    return flat
+
+  for index, config in enumerate(configs[1:], 1):
+    if rest(config) != rest(configs[0]):
+      raise ValueError(f'Configurations trained at once may differ only in '
+                       f'{", ".join(PER_CONFIG_FIELDS)}; config {index} differs from config 0 '
+                       'elsewhere. Train it separately.')
+  if len(configs) > 1 and configs[0].mlae.method != 'mlae':
+    raise ValueError('Only MLAE configurations (config.mlae.method = "mlae") train at once.')
+  if (len({str(c.mlae.coeff_init) for c in configs}) > 1
+      and not configs[0].mlae.adaptive_coeff):
+    raise ValueError('Configurations with different mlae.coeff_init train at once only with '
+                     'config.mlae.adaptive_coeff = True (a frozen coefficient is a constant '
+                     'of the compiled model).')
+
+
+def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
+                          workdirs: Sequence[str], data: TaskData) -> list[dict[str, Any]]:
+  """Trains K configurations of one task at once, each into its own workdir.
+
+  The K configurations may differ only in their MLAE drop rates and coefficient
+  initialisations (a grid search's points): one compiled step, vmapped over their
+  adapters, heads and optimizer states, trains them all on the same batches and
+  masks' key, sharing the backbone, the input pipeline and the computation up to
+  the first adapter. Each workdir ends up as a run of that config alone would
+  leave it (checkpoints, metrics, results, exports), and training is the same as
+  that run's up to floating-point reassociation. K = 1 is plain training.
+  """
+  if len(configs) != len(workdirs) or not configs:
+    raise ValueError(f'Need one workdir per config; got {len(configs)} configs and '
+                     f'{len(workdirs)} workdirs.')
+  for config in configs:
+    config_checks.validate(config)
+  check_trainable_at_once(configs)
+  config, count = configs[0], len(configs)
   parallel.maybe_initialize_distributed()
-  os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
   devices = mesh.devices.size
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % devices:
       raise ValueError(f'Bad config value config.{field} = {config[field]}: must be a multiple '
                        f'of the {devices} devices the batch is split over.')
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  for run_config, workdir in zip(configs, workdirs):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(run_config.to_json_best_effort(indent=2))
 
   num_train = len(data.train_labels)
   steps_per_epoch = -(-num_train // config.batch_size)
   image_size = data.train_crop or data.train_images.shape[1]
-  model = create_model_from_config(config, data.num_classes)
+  models = [create_model_from_config(c, data.num_classes) for c in configs]
   init_key, train_key, order_key = jax.random.split(jax.random.key(config.seed), 3)
-  params = initial_params(config, model, init_key, image_size)
-  trainable, frozen = split_trainable(params)
+  trainable, frozen = split_trainable(initial_params(config, models[0], init_key, image_size))
+  # Same key, so the same A and head as separate runs; only the coefficients differ.
+  trainables = [_with_coefficients(trainable, c.mlae.coeff_init) for c in configs]
   schedule = learning_rate_schedule(
       config.schedule, base_lr=config.learning_rate, epochs=config.epochs,
       steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs,
       warmup_lr=config.warmup_lr, min_lr=config.min_lr)
   tx = make_optimizer(schedule, weight_decay=config.weight_decay,
                       grad_clip_norm=config.grad_clip_norm or None)
-  state = create_train_state(trainable, tx)
+  states = [create_train_state(t, tx) for t in trainables]
 
-  checkpoints = RunCheckpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  history: dict[str, list] = {'train': [], 'eval': []}
-  start_epoch = checkpoints.latest_epoch() or 0
+  checkpoints = [RunCheckpoints(os.path.join(w, 'checkpoints'), config.keep_checkpoints)
+                 for w in workdirs]
+  histories: list[dict[str, list]] = [{'train': [], 'eval': []} for _ in configs]
+  latest = [c.latest_epoch() or 0 for c in checkpoints]
+  if len(set(latest)) > 1:
+    raise ValueError(f'The workdirs were checkpointed after different epochs ({latest}); '
+                     'resume them one at a time (or delete their checkpoints to restart).')
+  start_epoch = latest[0]
   if start_epoch:
-    state, history = checkpoints.restore(start_epoch, state)
+    restored = [c.restore(start_epoch, s) for c, s in zip(checkpoints, states)]
+    states, histories = [r[0] for r in restored], [r[1] for r in restored]
     _report(f'Resuming from the checkpoint after epoch {start_epoch}.')
-  log = MetricsLog(workdir)
-  log.reset(sorted(history['train'] + history['eval'], key=lambda r: (r['epoch'], r['kind'])))
+  logs = [MetricsLog(w) for w in workdirs]
+  for log, history in zip(logs, histories):
+    log.reset(sorted(history['train'] + history['eval'], key=lambda r: (r['epoch'], r['kind'])))
 
   replicated = parallel.replicated(mesh)
-  state, frozen = jax.device_put((state, frozen), replicated)
+  state = states[0] if count == 1 else _stack(states)
+  drop_rates = None if count == 1 else _stack([
+      drop_rate_variables(m.layer_experts(), trainable) for m in models])
+  state, frozen, drop_rates = jax.device_put((state, frozen, drop_rates), replicated)
   images, labels = jax.device_put((data.train_images, data.train_labels), replicated)
-  cfg = StepConfig(model, tx, config.batch_size, tuple(data.mean), tuple(data.std),
-                   train_augmentation(data) if data.train_crop else None)
-  step_fn = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
-                    out_shardings=(replicated, replicated))
-  eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg), out_shardings=replicated)
+  cfg = StepConfig(models[0], tx, config.batch_size, tuple(data.mean), tuple(data.std),
+                   train_augmentation(data) if data.train_crop else None,
+                   parallel.batch_sharding(mesh))
+  step_fn = jit_train_step(cfg, replicated, count)
+  eval_fn = jit_eval_step(cfg, replicated, count)
   order_fn = jax.jit(functools.partial(epoch_order, num_examples=num_train,
                                        batch_size=config.batch_size), out_shardings=replicated)
+  step_args = () if count == 1 else (drop_rates,)
 
-  def evaluate() -> dict[str, float]:
+  def evaluate() -> list[dict[str, float]]:
     totals = None
     for batch in data.eval_batches(config.eval_batch_size):
       sums = eval_fn(state.trainable, frozen, parallel.global_batch(batch.images, mesh),
                      parallel.global_batch(batch.labels, mesh),
                      parallel.global_batch(batch.mask, mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    if int(totals['count']) != data.num_eval:
-      raise RuntimeError(f'Evaluated {int(totals["count"])} examples, expected {data.num_eval}.')
-    return {'accuracy': float(totals['correct'] / totals['count']),
-            'loss': float(totals['loss_sum'] / totals['count'])}
+    totals = _unstack(jax.device_get(totals), count)
+    for t in totals:
+      if int(t['count']) != data.num_eval:
+        raise RuntimeError(f'Evaluated {int(t["count"])} examples, expected {data.num_eval}.')
+    return [{'accuracy': float(t['correct'] / t['count']),
+             'loss': float(t['loss_sum'] / t['count'])} for t in totals]
 
   bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
              unit='step', disable=not config.progress_bar, desc=data.name)
@@ -159,37 +237,68 @@ def train_on_task(config: ml_collections.ConfigDict, workdir: str,
     order = order_fn(jax.random.fold_in(order_key, epoch))
     sums = []
     for index in range(steps_per_epoch):
-      state, metrics = step_fn(state, frozen, images, labels, order, np.int32(index), train_key)
+      state, metrics = step_fn(state, frozen, images, labels, order, np.int32(index), train_key,
+                               *step_args)
       sums.append(metrics)
       bar.update()
-    sums = jax.device_get(jax.tree.map(lambda *m: jnp.sum(jnp.stack(m)), *sums))
+    sums = jax.device_get(jax.tree.map(lambda *m: jnp.sum(jnp.stack(m), 0), *sums))
     seconds = time.time() - epoch_start
-    record = {'kind': 'train', 'epoch': epoch + 1, 'step': int(state.step),
-              'loss': float(sums['loss_sum'] / sums['count']),
-              'accuracy': float(sums['correct'] / sums['count']),
-              'learning_rate': float(schedule(int(state.step) - 1)),
-              'images_per_sec': num_train / seconds, 'seconds': seconds}
-    history['train'].append(record)
-    log.write(record)
-    bar.set_postfix(loss=f'{record["loss"]:.3f}', img_s=f'{record["images_per_sec"]:.1f}')
+    step = int(jnp.ravel(state.step)[0])
     last = epoch + 1 == config.epochs
-    if (epoch + 1) % config.eval_every_epochs == 0 or last:
-      result = {'kind': 'eval', 'epoch': epoch + 1, 'step': int(state.step), **evaluate()}
-      history['eval'].append(result)
-      log.write(result)
-      _report(f'epoch {epoch + 1}: eval accuracy {result["accuracy"]:.4f}')
+    evaluations = (evaluate() if (epoch + 1) % config.eval_every_epochs == 0 or last
+                   else [None] * count)
+    for k, (run_sums, result) in enumerate(zip(_unstack(sums, count), evaluations)):
+      record = {'kind': 'train', 'epoch': epoch + 1, 'step': step,
+                'loss': float(run_sums['loss_sum'] / run_sums['count']),
+                'accuracy': float(run_sums['correct'] / run_sums['count']),
+                'learning_rate': float(schedule(step - 1)),
+                'images_per_sec': num_train / seconds, 'seconds': seconds}
+      histories[k]['train'].append(record)
+      logs[k].write(record)
+      if result is not None:
+        result = {'kind': 'eval', 'epoch': epoch + 1, 'step': step, **result}
+        histories[k]['eval'].append(result)
+        logs[k].write(result)
+        _report(f'epoch {epoch + 1}: eval accuracy {result["accuracy"]:.4f}'
+                + (f' ({workdirs[k]})' if count > 1 else ''))
+    bar.set_postfix(loss=f'{record["loss"]:.3f}', img_s=f'{count * num_train / seconds:.1f}')
     if (epoch + 1) % config.checkpoint_every_epochs == 0 or last:
-      checkpoints.save(epoch + 1, state, history)
+      for k, run_state in enumerate(_unstack(state, count)):
+        checkpoints[k].save(epoch + 1, run_state, histories[k])
   bar.close()
-  checkpoints.close()
-  log.close()
+  for closing in checkpoints + logs:
+    closing.close()
 
-  final_params = combine(jax.device_get(state.trainable), jax.device_get(frozen))
-  results = _results(config, data, model, final_params, history, time.time() - started)
-  _export(config, workdir, model, final_params, data, image_size)
-  with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
-    json.dump(results, f, indent=2)
+  results = []
+  final_frozen = jax.device_get(frozen)
+  for k, run_state in enumerate(_unstack(jax.device_get(state), count)):
+    final_params = combine(run_state.trainable, final_frozen)
+    record = _results(configs[k], data, models[k], final_params, histories[k],
+                      time.time() - started)
+    record['configs_at_once'] = count
+    _export(configs[k], workdirs[k], models[k], final_params, data, image_size)
+    with open(os.path.join(workdirs[k], RESULTS_FILE), 'w') as f:
+      json.dump(record, f, indent=2)
+    results.append(record)
   return results
+
+
+def _with_coefficients(trainable: dict, coeff_init: float) -> dict:
+  """`trainable` with every MLAE coefficient vector reset to `coeff_init`."""
+  flat = flatten_dict(trainable, sep='/')
+  return unflatten_dict({path: jnp.full_like(leaf, coeff_init) if path.endswith('/coeff')
+                         else leaf for path, leaf in flat.items()}, sep='/')
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _unstack(tree: Any, count: int) -> list[Any]:
+  """The K trees of a stacked one (for K = 1, the unstacked tree itself)."""
+  if count == 1:
+    return [tree]
+  return [jax.tree.map(lambda leaf: leaf[k], tree) for k in range(count)]
 
 
 def _report(message: str) -> None:

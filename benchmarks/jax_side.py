@@ -1,0 +1,106 @@
+"""Our side of the throughput benchmark: the library's own jitted steps."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlae_jax.adapters.config import AdapterConfig
+from mlae_jax.adapters.experts import drop_rate_variables
+from mlae_jax.adapters.merge import merge_adapters
+from mlae_jax.checkpoints.pretrained import init_params
+from mlae_jax.model.vit import VisionTransformer, create_model
+from mlae_jax.partition import combine, split_trainable
+from mlae_jax.training import parallel
+from mlae_jax.training.optimizer import make_optimizer
+from mlae_jax.training.steps import StepConfig, jit_eval_step, jit_train_step
+from mlae_jax.training.train import compute_dtype, create_train_state
+
+NAME = 'jax'
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+def device_peak() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return stats.get('peak_bytes_in_use') if stats else None
+
+
+def prepare(args: argparse.Namespace, record: dict) -> tuple[dict[str, Callable], dict]:
+  """Calls of our train step, eval step, merged and plain eval steps (and the
+  K-configurations train step for --configs K), each blocking on its result."""
+  dtype = compute_dtype(args.dtype)
+  adapter = AdapterConfig(targets=tuple(args.targets.split(',')), rank=args.rank,
+                          drop_rate=args.drop_rate)
+  overrides = {'num_layers': args.layers} if args.layers else {}
+  model = create_model(args.model, args.num_classes, adapter=adapter, dtype=dtype, **overrides)
+  params = init_params(model, jax.random.key(0), args.image_size)
+  trainable, frozen = split_trainable(params)
+  tx = make_optimizer(optax.constant_schedule(1e-3), weight_decay=1e-4, grad_clip_norm=None)
+
+  mesh = parallel.make_mesh()
+  replicated = parallel.replicated(mesh)
+  rng = np.random.default_rng(0)
+  # Two batches of training data resident on the device, as in real training.
+  train_images = rng.integers(0, 256, (2 * args.batch, args.image_size, args.image_size, 3),
+                              np.uint8)
+  train_labels = rng.integers(0, args.num_classes, 2 * args.batch).astype(np.int32)
+  frozen, train_images, train_labels = jax.device_put(
+      (frozen, train_images, train_labels), replicated)
+  order = jax.device_put(np.arange(2 * args.batch, dtype=np.int32), replicated)
+  eval_batch = [parallel.global_batch(np.asarray(a), mesh) for a in (
+      train_images[:args.batch], train_labels[:args.batch], np.ones(args.batch, bool))]
+  cfg = StepConfig(model, tx, args.batch, MEAN, STD,
+                   batch_sharding=parallel.batch_sharding(mesh))
+  key = jax.random.key(1)
+
+  def train_call(step_fn, state, *extra):
+    calls = 0
+
+    def call():
+      nonlocal state, calls
+      state, metrics = step_fn(state, frozen, train_images, train_labels, order,
+                               np.int32(calls % 2), key, *extra)
+      calls += 1
+      jax.block_until_ready(metrics)
+    return call
+
+  # The train steps donate their state: they get copies of the trainable leaves.
+  state = jax.device_put(create_train_state(jax.tree.map(jnp.copy, trainable), tx), replicated)
+  eval_fn = jit_eval_step(cfg, replicated)
+  calls = {
+      'jax_train': train_call(jit_train_step(cfg, replicated), state),
+      'jax_eval': lambda: jax.block_until_ready(eval_fn(trainable, frozen, *eval_batch)),
+  }
+  if args.configs > 1:
+    rates = np.linspace(0.0, 0.9, args.configs)
+    models = [model.clone(adapter=AdapterConfig(
+        targets=adapter.targets, rank=args.rank, drop_rate=float(p))) for p in rates]
+    stacked = jax.tree.map(lambda leaf: jnp.stack([leaf] * args.configs),
+                           create_train_state(trainable, tx))
+    drop_rates = jax.tree.map(lambda *r: jnp.stack(r), *[
+        drop_rate_variables(m.layer_experts(), trainable) for m in models])
+    calls['jax_train_configs'] = train_call(
+        jit_train_step(cfg, replicated, args.configs, args.configs_per_pass),
+        *jax.device_put((stacked, drop_rates), replicated))
+
+  merged_model, merged_params = merge_adapters(model, jax.device_get(combine(frozen, trainable)))
+  calls['jax_merged_eval'] = _eval_call(merged_model, merged_params, eval_batch, replicated)
+  plain_model = create_model(args.model, args.num_classes, dtype=dtype, **overrides)
+  calls['jax_plain_eval'] = _eval_call(
+      plain_model, init_params(plain_model, jax.random.key(0), args.image_size), eval_batch,
+      replicated)
+  info = {'device': f'{jax.devices()[0].device_kind} x{len(jax.devices())} '
+                    f'({jax.default_backend()})',
+          'dtype': jnp.dtype(dtype).name, 'jax_version': jax.__version__}
+  return calls, info
+
+
+def _eval_call(model: VisionTransformer, params: dict, batch: list, replicated) -> Callable:
+  trainable, frozen = jax.device_put(split_trainable(params), replicated)
+  eval_fn = jit_eval_step(StepConfig(model, None, batch[0].shape[0], MEAN, STD), replicated)
+  return lambda: jax.block_until_ready(eval_fn(trainable, frozen, *batch))
