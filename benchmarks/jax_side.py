@@ -18,7 +18,8 @@ from mlae_jax.model.vit import VisionTransformer, create_model
 from mlae_jax.partition import combine, split_trainable
 from mlae_jax.training import parallel
 from mlae_jax.training.optimizer import make_optimizer
-from mlae_jax.training.steps import StepConfig, jit_eval_step, jit_train_step
+from mlae_jax.training.steps import (StepConfig, jit_eval_step, jit_train_step,
+                                    stack_configs)
 from mlae_jax.training.train import compute_dtype, create_train_state
 
 NAME = 'jax'
@@ -80,10 +81,9 @@ def prepare(args: argparse.Namespace, record: dict) -> tuple[dict[str, Callable]
     rates = np.linspace(0.0, 0.9, args.configs)
     models = [model.clone(adapter=AdapterConfig(
         targets=adapter.targets, rank=args.rank, drop_rate=float(p))) for p in rates]
-    stacked = jax.tree.map(lambda leaf: jnp.stack([leaf] * args.configs),
-                           create_train_state(trainable, tx))
-    drop_rates = jax.tree.map(lambda *r: jnp.stack(r), *[
-        drop_rate_variables(m.layer_experts(), trainable) for m in models])
+    stacked = stack_configs([create_train_state(trainable, tx)] * args.configs)
+    drop_rates = stack_configs([drop_rate_variables(m.layer_experts(), trainable)
+                                for m in models])
     calls['jax_train_configs'] = train_call(
         jit_train_step(cfg, replicated, args.configs, args.configs_per_pass),
         *jax.device_put((stacked, drop_rates), replicated))

@@ -239,8 +239,9 @@ class Encoder(nn.Module):
     last = len(self.layer_experts) - 1
     for index, experts in enumerate(self.layer_experts):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.gelu_approximate, self.adapters,
-                       experts, self.class_token_only and index == last, self.dtype,
-                       self.param_dtype, name=f'encoderblock_{index}')(x, train=train)
+                       experts, class_token_only=self.class_token_only and index == last,
+                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       name=f'encoderblock_{index}')(x, train=train)
     return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)
 

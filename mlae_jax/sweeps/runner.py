@@ -249,32 +249,17 @@ def execute(runs: Sequence[Run], train_fn: TrainFn | None = None,
   summary = SweepSummary()
   for index, run in enumerate(runs, 1):
     where = f'[{index}/{len(runs)}] {run}'
-    state = layout.status(run.workdir)
-    if state == layout.FINISHED:
-      logging.info('%s: finished, skipped.', where)
-      summary.outcomes.append((run, SKIPPED, ''))
+    if _skip_if_finished(run, where, summary):
       continue
-    outcome = RESUMED if state == layout.UNFINISHED else TRAINED
     logging.info('%s: %s -> training in %s.', where, describe(run), run.workdir)
-    started = time.time()
-    try:
-      train_fn(run.config, run.workdir)
-      if layout.status(run.workdir) != layout.FINISHED:
-        raise RuntimeError(f'training returned without writing {layout.RESULTS_FILE}')
-    except Exception as error:  # pylint: disable=broad-except
-      if not keep_going:
-        raise
-      logging.error('%s failed:\n%s', where, traceback.format_exc())
-      summary.outcomes.append((run, FAILED, f'{type(error).__name__}: {error}'))
-      continue
-    summary.outcomes.append((run, outcome, f'{time.time() - started:.1f} s'))
+    _train_group([run], lambda: train_fn(run.config, run.workdir), where, keep_going, summary)
   return summary
 
 
 def execute_at_once(runs: Sequence[Run], configs_at_once: int,
                     keep_going: bool = False) -> SweepSummary:
   """As `execute`, but the unfinished runs train `configs_at_once` at a time in one
-  vmapped step (`train_and_evaluate_at_once`): runs of the same task and seed, which
+  compiled step (`train_and_evaluate_at_once`): runs of the same task and seed, which
   may differ only in their MLAE drop rate and coefficient (a grid search's points).
   A group whose runs cannot resume together (checkpointed after different epochs)
   trains one run at a time instead."""
@@ -283,20 +268,15 @@ def execute_at_once(runs: Sequence[Run], configs_at_once: int,
   summary = SweepSummary()
   pending: dict[tuple[str, str, int], list[Run]] = {}
   for run in runs:
-    if layout.status(run.workdir) == layout.FINISHED:
-      logging.info('%s: finished, skipped.', run)
-      summary.outcomes.append((run, SKIPPED, ''))
-    else:
+    if not _skip_if_finished(run, str(run), summary):
       pending.setdefault((run.benchmark, run.task, run.seed), []).append(run)
   groups = [group[i:i + configs_at_once] for group in pending.values()
             for i in range(0, len(group), configs_at_once)]
   for index, group in enumerate(groups, 1):
-    outcomes = [RESUMED if layout.status(r.workdir) == layout.UNFINISHED else TRAINED
-                for r in group]
-    logging.info('[group %d/%d] training %d runs at once: %s', index, len(groups), len(group),
-                 '; '.join(map(str, group)))
-    started = time.time()
-    try:
+    where = f'[group {index}/{len(groups)}]'
+    logging.info('%s training %d runs at once: %s', where, len(group), '; '.join(map(str, group)))
+
+    def train(group=group):
       try:
         train_and_evaluate_at_once([r.config for r in group], [r.workdir for r in group])
       except ValueError as error:
@@ -305,15 +285,41 @@ def execute_at_once(runs: Sequence[Run], configs_at_once: int,
         logging.warning('%s; training the group one run at a time.', error)
         for run in group:
           train_and_evaluate(run.config, run.workdir)
-    except Exception as error:  # pylint: disable=broad-except
-      if not keep_going:
-        raise
-      logging.error('group %d failed:\n%s', index, traceback.format_exc())
-      summary.outcomes.extend((r, FAILED, f'{type(error).__name__}: {error}') for r in group)
-      continue
-    detail = f'{time.time() - started:.1f} s for {len(group)} at once'
-    summary.outcomes.extend((r, o, detail) for r, o in zip(group, outcomes))
+
+    _train_group(group, train, where, keep_going, summary)
   return summary
+
+
+def _skip_if_finished(run: Run, where: str, summary: SweepSummary) -> bool:
+  if layout.status(run.workdir) != layout.FINISHED:
+    return False
+  logging.info('%s: finished, skipped.', where)
+  summary.outcomes.append((run, SKIPPED, ''))
+  return True
+
+
+def _train_group(group: Sequence[Run], train: Callable[[], Any], where: str, keep_going: bool,
+                 summary: SweepSummary) -> None:
+  """Runs `train` for the unfinished runs of `group` and records their outcomes; a
+  failure (or a run left without results) stops the sweep unless `keep_going`."""
+  outcomes = [RESUMED if layout.status(r.workdir) == layout.UNFINISHED else TRAINED
+              for r in group]
+  started = time.time()
+  try:
+    train()
+    for run in group:
+      if layout.status(run.workdir) != layout.FINISHED:
+        raise RuntimeError(f'training returned without writing {layout.RESULTS_FILE}')
+  except Exception as error:  # pylint: disable=broad-except
+    if not keep_going:
+      raise
+    logging.error('%s failed:\n%s', where, traceback.format_exc())
+    summary.outcomes.extend((r, FAILED, f'{type(error).__name__}: {error}') for r in group)
+    return
+  detail = f'{time.time() - started:.1f} s'
+  if len(group) > 1:
+    detail += f' for {len(group)} at once'
+  summary.outcomes.extend((r, o, detail) for r, o in zip(group, outcomes))
 
 
 def run_sweep(benchmark: str, tasks: str | Sequence[str], seeds: str | Sequence[int],

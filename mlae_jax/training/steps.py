@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -101,6 +101,19 @@ def eval_step(trainable: Any, frozen: Any, images: jax.Array, labels: jax.Array,
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return {'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
           'loss_sum': jnp.sum(losses * weights), 'count': jnp.sum(weights)}
+
+
+def stack_configs(trees: Sequence[Any]) -> Any:
+  """K per-configuration trees as one tree with a leading axis of K (the K-configs
+  step's states and drop rates)."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def unstack_configs(tree: Any, count: int) -> list[Any]:
+  """The K trees of a stacked one (for K = 1, the unstacked tree itself)."""
+  if count == 1:
+    return [tree]
+  return [jax.tree.map(lambda leaf: leaf[k], tree) for k in range(count)]
 
 
 def configs_per_pass(configs: int) -> int:

@@ -33,7 +33,7 @@ from mlae_jax.training.metrics import MetricsLog
 from mlae_jax.training.optimizer import make_optimizer
 from mlae_jax.training.schedules import learning_rate_schedule
 from mlae_jax.training.steps import (StepConfig, TrainState, epoch_order, jit_eval_step,
-                                    jit_train_step)
+                                    jit_train_step, stack_configs, unstack_configs)
 
 RESULTS_FILE = 'results.json'
 
@@ -72,10 +72,7 @@ def create_train_state(trainable: Any, tx: optax.GradientTransformation) -> Trai
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains on `config.data`, evaluating, checkpointing and exporting into `workdir`;
   resumes from the latest checkpoint there. Returns the results record."""
-  from mlae_jax.data.build import build_task_data
-
-  config_checks.validate(config)
-  return train_on_task(config, workdir, build_task_data(config.data))
+  return train_and_evaluate_at_once([config], [workdir])[0]
 
 
 def train_and_evaluate_at_once(configs: Sequence[ml_collections.ConfigDict],
@@ -201,8 +198,8 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
     log.reset(sorted(history['train'] + history['eval'], key=lambda r: (r['epoch'], r['kind'])))
 
   replicated = parallel.replicated(mesh)
-  state = states[0] if count == 1 else _stack(states)
-  drop_rates = None if count == 1 else _stack([
+  state = states[0] if count == 1 else stack_configs(states)
+  drop_rates = None if count == 1 else stack_configs([
       drop_rate_variables(m.layer_experts(), trainable) for m in models])
   state, frozen, drop_rates = jax.device_put((state, frozen, drop_rates), replicated)
   images, labels = jax.device_put((data.train_images, data.train_labels), replicated)
@@ -222,7 +219,7 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
                      parallel.global_batch(batch.labels, mesh),
                      parallel.global_batch(batch.mask, mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = _unstack(jax.device_get(totals), count)
+    totals = unstack_configs(jax.device_get(totals), count)
     for t in totals:
       if int(t['count']) != data.num_eval:
         raise RuntimeError(f'Evaluated {int(t["count"])} examples, expected {data.num_eval}.')
@@ -247,7 +244,7 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
     last = epoch + 1 == config.epochs
     evaluations = (evaluate() if (epoch + 1) % config.eval_every_epochs == 0 or last
                    else [None] * count)
-    for k, (run_sums, result) in enumerate(zip(_unstack(sums, count), evaluations)):
+    for k, (run_sums, result) in enumerate(zip(unstack_configs(sums, count), evaluations)):
       record = {'kind': 'train', 'epoch': epoch + 1, 'step': step,
                 'loss': float(run_sums['loss_sum'] / run_sums['count']),
                 'accuracy': float(run_sums['correct'] / run_sums['count']),
@@ -263,7 +260,7 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
                 + (f' ({workdirs[k]})' if count > 1 else ''))
     bar.set_postfix(loss=f'{record["loss"]:.3f}', img_s=f'{count * num_train / seconds:.1f}')
     if (epoch + 1) % config.checkpoint_every_epochs == 0 or last:
-      for k, run_state in enumerate(_unstack(state, count)):
+      for k, run_state in enumerate(unstack_configs(state, count)):
         checkpoints[k].save(epoch + 1, run_state, histories[k])
   bar.close()
   for closing in checkpoints + logs:
@@ -271,7 +268,7 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
 
   results = []
   final_frozen = jax.device_get(frozen)
-  for k, run_state in enumerate(_unstack(jax.device_get(state), count)):
+  for k, run_state in enumerate(unstack_configs(jax.device_get(state), count)):
     final_params = combine(run_state.trainable, final_frozen)
     record = _results(configs[k], data, models[k], final_params, histories[k],
                       time.time() - started)
@@ -288,17 +285,6 @@ def _with_coefficients(trainable: dict, coeff_init: float) -> dict:
   flat = flatten_dict(trainable, sep='/')
   return unflatten_dict({path: jnp.full_like(leaf, coeff_init) if path.endswith('/coeff')
                          else leaf for path, leaf in flat.items()}, sep='/')
-
-
-def _stack(trees: Sequence[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-
-
-def _unstack(tree: Any, count: int) -> list[Any]:
-  """The K trees of a stacked one (for K = 1, the unstacked tree itself)."""
-  if count == 1:
-    return [tree]
-  return [jax.tree.map(lambda leaf: leaf[k], tree) for k in range(count)]
 
 
 def _report(message: str) -> None:
