@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
   record = {'model': args.model, 'image_size': args.image_size, 'layers': args.layers,
             'batch': args.batch, 'rank': args.rank, 'drop_rate': args.drop_rate,
             'targets': args.targets, 'host': f'{platform.machine()} {os.cpu_count()} cores',
-            'repeats': args.repeats}
+            'malloc': preloaded_malloc(), 'repeats': args.repeats}
   sides = [jax_side] + ([] if args.skip_torch else [torch_side])
   calls: dict[str, Callable[[], object]] = {}
   for side in sides:
@@ -154,6 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
     record['eval_ratio'] = round(seconds['torch_eval'] / seconds['jax_eval'], 3)
   print(json.dumps(record), flush=True)
   return record
+
+
+def preloaded_malloc() -> str:
+  """The allocator preloaded into the process (LD_PRELOAD), else the C library's.
+
+  It matters on CPU: with glibc, XLA's per-step temporary buffer is unmapped and
+  faulted in again every step (see README, Performance)."""
+  preloaded = [os.path.basename(p) for p in os.environ.get('LD_PRELOAD', '').split(':') if p]
+  return ','.join(preloaded) or 'libc'
 
 
 def side_batches(name: str, args: argparse.Namespace) -> int:

@@ -31,6 +31,16 @@ def test_benchmark_prints_one_json_line_of_figures():
                'configs_at_once_speedup', 'jax_peak_mem_mb'):
     assert record[name] > 0, name
   assert 'torch_train_img_s' not in record and 'train_ratio' not in record
+  assert record['malloc']  # The allocator the figures were measured with.
+
+
+def test_benchmark_names_the_preloaded_allocator(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(REPO, 'benchmarks'))
+  import throughput
+  monkeypatch.delenv('LD_PRELOAD', raising=False)
+  assert throughput.preloaded_malloc() == 'libc'
+  monkeypatch.setenv('LD_PRELOAD', '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4')
+  assert throughput.preloaded_malloc() == 'libtcmalloc_minimal.so.4'
 
 
 def test_benchmark_rejects_bad_arguments():
