@@ -17,6 +17,17 @@ from mlae_jax.training.train import train_and_evaluate, train_configs_on_task
 POINTS = [(0.5, 1.0), (0.0, 0.25), (0.7, 4.0)]  # (drop_rate, coeff_init)
 
 
+def _adam_atol(learning_rate: float) -> float:
+  """Tolerance for weights that two differently compiled programs trained alike.
+
+  Adam normalises each update, so a weight whose gradient is near zero moves by a
+  size-independent amount that rounding differences between the programs can change
+  (seen: 2.6e-6 at lr 3e-3 on an AVX-512 CPU). 1% of one step's learning rate still
+  fails on any real mix-up: other configurations' weights differ by whole steps.
+  """
+  return 0.01 * learning_rate
+
+
 def _configs(**overrides):
   return [tiny_config(**{'mlae.drop_rate': p, 'mlae.coeff_init': c, 'epochs': 3,
                          'eval_every_epochs': 1, **overrides}) for p, c in POINTS]
@@ -51,7 +62,8 @@ def test_configs_at_once_train_as_their_separate_runs(tmp_path):
         os.path.join(theirs, 'adapter.npz'))
     assert trained.keys() == reference.keys()
     for leaf in trained:
-      np.testing.assert_allclose(trained[leaf], reference[leaf], rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(trained[leaf], reference[leaf], rtol=1e-4,
+                                 atol=_adam_atol(config.learning_rate))
   # The points really trained differently.
   assert len({r['final_epoch_accuracy'] for r in results} | {
       tuple(l[2] for l in _losses(w)) for w in together}) > 1
@@ -170,6 +182,7 @@ def test_side_by_side_and_one_by_one_passes_agree():
   np.testing.assert_allclose(results[1][0], results[3][0], rtol=1e-5)
   block = results[1][1]['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_0']
   b = np.asarray(block['adapter_qkv']['B'])
-  assert not np.allclose(b[0], b[2])  # Three drop rates, three different masks and updates.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # Three drop rates, three different masks and updates: far apart at the tolerance below.
+  assert np.max(np.abs(b[0] - b[2])) > 10 * _adam_atol(1e-2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=_adam_atol(1e-2)),
                results[1][1], results[3][1])
