@@ -6,6 +6,17 @@ original checkpoint layout) is adapted with MLAE to digits 5-9, which it never s
 and compared with a linear probe (head only) and LoRA on the same backbone.
 
   python -m mlae_jax.main --config=configs/demo.py --workdir=runs/demo
+
+Training follows the shared recipe (SPT's schedule stepping, weight-decay groups and
+evaluation schedule) except for the settings below. Stochastic depth was chosen on the
+validation split, never the test part: training on 'train' (200 images), evaluating
+on 'val' (50), 8 seeds per rate, final-epoch val accuracy (mean) and val loss:
+0.0: 0.855 / 0.479, 0.1: 0.853 / 0.498, 0.2: 0.838 / 0.517, 0.3: 0.835 / 0.518,
+0.4: 0.835 / 0.506 (2-core CPU, 2026-12-01). Each point is one command:
+
+  python -m mlae_jax.main --config=configs/demo.py --workdir=runs/dp/$RATE/$SEED \
+      --config.baselines='()' --config.data.train_split=train \
+      --config.data.eval_split=val --config.model.drop_path_rate=$RATE --config.seed=$SEED
 """
 
 from mlae_jax.assets import DIGITS_BACKBONE
@@ -21,12 +32,15 @@ def get_config():
   config.model.num_heads = 4
   config.model.num_layers = 4
   config.model.dtype = 'float32'
+  config.model.drop_path_rate = 0.0  # Best on the validation split (see above).
   config.pretrained = DIGITS_BACKBONE
 
   config.data.source = 'digits'
   config.data.task = 'digits_5to9'
   config.data.image_size = 32
   config.data.num_train = 250  # 50 per class; the other 646 images are the test part.
+  config.data.train_split = 'trainval'  # All 250 ('train': the first 200, 'val': the last 50).
+  config.data.eval_split = 'test'
 
   config.mlae.rank = 4
   config.mlae.drop_rate = 0.5

@@ -3,7 +3,9 @@
 300 epochs on VPT's train split, evaluated on test; train images are cropped and
 flipped at random (VPT's resize-256 / crop-224 protocol). The paper gives no
 per-dataset p or coefficient for FGVC; these use its best VTAB-wide values
-(p = 0.5, coefficient 1; Tables 14-15).
+(p = 0.5, coefficient 1; Tables 14-15). Training follows base_config's recipe of the
+PyTorch runs (stochastic depth 0.1, SPT's weight-decay groups, schedule stepping and
+evaluation schedule; README, "Reproducing the paper").
 """
 
 from mlae_jax.training.defaults import base_config

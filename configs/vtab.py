@@ -1,7 +1,10 @@
 """VTAB-1k with MLAE on ViT-B/16: `--config=configs/vtab.py:<task>`.
 
 Every task trains on train800val200 and evaluates on test for 500 epochs, with the
-expert-level dropout p and coefficient init the paper chose per task (Table 10).
+expert-level dropout p and coefficient init the paper chose per task (Table 10),
+trained with base_config's recipe of the PyTorch runs (stochastic depth 0.1, SPT's
+weight-decay groups, schedule stepping and evaluation schedule; README, "Reproducing
+the paper").
 """
 
 from mlae_jax.training.defaults import base_config

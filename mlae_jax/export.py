@@ -1,8 +1,9 @@
 """What a finished run leaves behind for others to use.
 
-- Adapter export: the trained leaves only (adapters + head, ~1 MB for ViT-B/16) in
-  `adapter.npz`, and `adapter_config.json` saying model, placement, rank, masks,
-  coefficients and classes. `load_adapter_export` rebuilds the model from them.
+- Adapter export: the trained leaves only (adapters + head, and the adapted layers'
+  biases when those were trained; ~1 MB for ViT-B/16) in `adapter.npz`, and
+  `adapter_config.json` saying model, placement, rank, masks, coefficients and classes.
+  `load_adapter_export` rebuilds the model from them.
 - Merged export: the plain ViT with the adapters folded in, as an `.npz` in the
   original checkpoint layout (pre-Linen names), which our loader and timm read.
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 from mlae_jax.adapters.config import AdapterConfig
 from mlae_jax.adapters.merge import merge_adapters
+from mlae_jax.adapters.placement import tuned_paths
 from mlae_jax.checkpoints import layout
 from mlae_jax.checkpoints.npz import read_npz, write_npz
 from mlae_jax.checkpoints.pretrained import load_pretrained
@@ -28,13 +30,13 @@ from mlae_jax.partition import combine, is_trainable, split_trainable
 ADAPTER_FILE = 'adapter.npz'
 CONFIG_FILE = 'adapter_config.json'
 _MODEL_FIELDS = ('num_classes', 'patch_size', 'hidden_size', 'mlp_dim', 'num_heads',
-                 'num_layers', 'gelu_approximate')
+                 'num_layers', 'gelu_approximate', 'drop_path_rate')
 
 
 def export_adapters(directory: str, model: VisionTransformer, params: Any,
                     extra: dict[str, Any] | None = None) -> None:
   """Writes `adapter.npz` and `adapter_config.json` into `directory`."""
-  trainable, _ = split_trainable(params)
+  trainable, _ = split_trainable(params, tuned_paths(model.adapter, model.num_layers))
   write_npz(os.path.join(directory, ADAPTER_FILE),
             layout.as_numpy(layout.flatten(trainable)))
   description = {
@@ -59,8 +61,9 @@ def load_adapter_export(directory: str, pretrained: str, *,
   params = load_pretrained(pretrained, model, rng=rng if rng is not None else jax.random.key(0),
                            image_size=description.get('image_size', 224))
   trained = read_npz(os.path.join(directory, ADAPTER_FILE))
-  _, frozen = split_trainable(params)
-  expected = {k for k in layout.flatten(params) if is_trainable(k)}
+  tuned = tuned_paths(model.adapter, model.num_layers)
+  _, frozen = split_trainable(params, tuned)
+  expected = {k for k in layout.flatten(params) if is_trainable(k, tuned)}
   if set(trained) != expected:
     raise ValueError(f'{directory}/{ADAPTER_FILE} does not match {CONFIG_FILE}: missing '
                      f'{sorted(expected - set(trained))[:5]}, unexpected '

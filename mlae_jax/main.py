@@ -30,8 +30,8 @@ def main(argv):
   except (ValueError, FileNotFoundError, CheckpointDownloadError) as error:
     sys.exit(f'mlae_jax: {error}')  # Bad input: the message says what to fix.
   first = next(iter(runs.values()))
-  print(f'{first["task"]}: test accuracy on {first["num_eval"]} images; results in '
-        f'{_WORKDIR.value}')
+  print(f'{first["task"]}: {_CONFIG.value.data.eval_split} accuracy on {first["num_eval"]} '
+        f'images; results in {_WORKDIR.value}')
   print(f'{"method":14s}{"trained params":>16s}{"final epoch":>13s}{"best of evals":>15s}')
   for name, results in runs.items():
     print(f'{name:14s}{results["trainable_params"]:16,d}{results["final_epoch_accuracy"]:13.4f}'

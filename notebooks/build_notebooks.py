@@ -106,7 +106,7 @@ TABLE_10 = '''\
 # The run config of either mode, shared by quick_start and analysis (so analysis reuses
 # the MLAE run quick_start made in the same session).
 RUN_CONFIG = f'''\
-config = base_config()  # The paper's recipe: AdamW, batch 64, lr 5e-4, wd 1e-4, cosine, warm-up.
+config = base_config()  # The paper's recipe, trained as the PyTorch runs (README: Reproducing).
 if SMALL:
   TASK = 'synthetic'
   for field, value in TINY.items():  # The named size, overridden field by field.
@@ -117,7 +117,7 @@ if SMALL:
   config.data.num_classes, config.data.num_train, config.data.num_eval = 8, 80, 80
   config.mlae.rank = 8
   config.mlae.drop_rate, config.mlae.coeff_init = 0.5, 1.0
-  config.epochs, config.warmup_epochs, config.eval_every_epochs = 8, 1, 1
+  config.epochs, config.warmup_epochs, config.eval_every_epochs = 8, 0, 1
   config.checkpoint_every_epochs = 8
   config.batch_size, config.eval_batch_size = 16, 40
   config.learning_rate = 1e-2

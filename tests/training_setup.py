@@ -22,8 +22,9 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.batch_size = 16
   config.eval_batch_size = 16
   config.learning_rate = 3e-3
-  config.warmup_epochs = 1
-  config.eval_every_epochs = 2
+  config.warmup_epochs = 0  # SPT stepping: a warm-up holds the first two epochs at warmup_lr.
+  config.eval_every_epochs = 2  # SPT's rule: after 0-based epochs 0 and 2, and the last.
+  config.eval_last_epochs = 0
   config.checkpoint_every_epochs = 1
   config.mlae.rank = 4
   config.mlae.drop_rate = 0.5
@@ -45,7 +46,8 @@ def tiny_config_flags(**overrides) -> list[str]:
   for key in ('source', 'image_size', 'num_classes', 'num_train', 'num_eval'):
     flags.append(f'--config.data.{key}={config.data[key]}')
   for key in ('epochs', 'batch_size', 'eval_batch_size', 'learning_rate', 'warmup_epochs',
-              'eval_every_epochs', 'checkpoint_every_epochs', 'progress_bar'):
+              'eval_every_epochs', 'eval_last_epochs', 'checkpoint_every_epochs',
+              'progress_bar'):
     flags.append(f'--config.{key}={config[key]}')
   flags += [f'--config.mlae.rank={config.mlae.rank}',
             f'--config.mlae.drop_rate={config.mlae.drop_rate}']

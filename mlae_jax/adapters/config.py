@@ -62,6 +62,9 @@ class AdapterConfig:
     input_dropout: ordinary dropout on the adapter's input (the reference
       code's `lora_dropout`).
     lora_alpha: LoRA scale numerator (scale = lora_alpha / rank); None = rank.
+    train_bias: also train the biases of the adapted layers (for 'qkv', the
+      query, key and value biases). The authors' PyTorch layer freezes only the
+      kernel it wraps, so its bias may have trained in their (unpublished) runs.
   """
   method: str = 'mlae'
   targets: tuple[str, ...] = ('qkv',)
@@ -75,6 +78,7 @@ class AdapterConfig:
   per_example_mask: bool = False
   input_dropout: float = 0.0
   lora_alpha: float | None = None
+  train_bias: bool = False
 
   def __post_init__(self):
     # Lists from configs become tuples so the config stays hashable.
@@ -128,6 +132,8 @@ class AdapterConfig:
           and self.rank != patterns.PAPER_RANK):
         fail(f'the paper\'s {self.pattern!r} expert counts assume rank {patterns.PAPER_RANK}; '
              'for another budget give rank as one int per layer with pattern=uniform.')
+    if not isinstance(self.train_bias, bool):
+      fail(f'train_bias must be True or False, got {self.train_bias!r}.')
     if not math.isfinite(self.coeff_init):
       fail(f'coeff_init must be finite, got {self.coeff_init!r}.')
     if self.method == 'lora':

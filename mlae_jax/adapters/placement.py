@@ -3,7 +3,7 @@ updates, and its name in timm's ViT."""
 
 from __future__ import annotations
 
-from mlae_jax.adapters.config import ATTENTION_TARGETS
+from mlae_jax.adapters.config import ATTENTION_TARGETS, AdapterConfig
 from mlae_jax.partition import ADAPTER_PREFIX
 
 _ATTENTION = 'MultiHeadDotProductAttention_0'
@@ -32,6 +32,21 @@ def base_kernels(layer: int, target: str) -> tuple[str, ...]:
   """Paths of the kernels whose flattened (d_in, d_out) matrices, side by side,
   form the linear map that `target` adapts."""
   return tuple(f'{_scope(layer, target)}/{name}/kernel' for name in _BASE_LAYERS[target])
+
+
+def base_biases(layer: int, target: str) -> tuple[str, ...]:
+  """Paths of the biases of the layers `target` adapts (in `base_kernels`' order)."""
+  return tuple(f'{_scope(layer, target)}/{name}/bias' for name in _BASE_LAYERS[target])
+
+
+def tuned_paths(adapter: AdapterConfig | None, num_layers: int) -> frozenset[str]:
+  """The backbone leaves an adapter configuration trains in place: with
+  `train_bias`, the biases of every layer it adapts (for 'qkv', the query, key and
+  value biases); else none. (The partition's `tuned` set.)"""
+  if adapter is None or not adapter.train_bias:
+    return frozenset()
+  return frozenset(path for layer in range(num_layers) for target in adapter.targets
+                   for path in base_biases(layer, target))
 
 
 def torch_module(layer: int, target: str) -> str:

@@ -4,7 +4,8 @@ The reference PyTorch layers wrap timm's `nn.Linear`s (`blocks.{i}.attn.qkv`, ..
 and store, for MLAE, `lora_A` (r, d_in), `lora_B` (r, d_out), `lora_lamda` (r,),
 and for LoRA `lora_A` (r, d_in), `lora_B` (d_out, r). Our fused q-k-v output order
 equals timm's, so the arrays move between the implementations unchanged (LoRA's B
-transposed).
+transposed). With `train_bias`, the trained biases of the adapted layers travel too,
+as the wrapped layer's `bias` (for qkv: q|k|v concatenated, as timm's `attn.qkv.bias`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlae_jax.adapters.experts import expert_coefficients
-from mlae_jax.adapters.placement import adapter_scope, torch_module
+from mlae_jax.adapters.placement import adapter_scope, base_biases, torch_module
 from mlae_jax.checkpoints.layout import flatten, unflatten
 from mlae_jax.checkpoints.npz import read_npz, write_npz
 from mlae_jax.model.vit import VisionTransformer
@@ -45,6 +46,9 @@ def export_torch_state(model: VisionTransformer, params: Mapping) -> dict[str, n
       state[f'{name}.lora_B'] = b
       state[f'{name}.lora_lamda'] = np.asarray(
           expert_coefficients(settings, flat.get(f'{scope}/coeff')))
+    if model.adapter.train_bias:
+      state[f'{name}.bias'] = np.concatenate(
+          [np.asarray(flat[path]).reshape(-1) for path in base_biases(layer, target)])
   return state
 
 
@@ -52,8 +56,9 @@ def import_torch_state(model: VisionTransformer, params: Mapping,
                        state: Mapping[str, Any]) -> dict:
   """`params` with its adapters replaced by those of a PyTorch state dict.
 
-  Other entries of `state` (the backbone, the head) are ignored; missing or
-  mis-shaped adapter entries raise ValueError.
+  Other entries of `state` (the backbone, the head) are ignored (the biases of the
+  adapted layers too, unless the adapter trains them); missing or mis-shaped
+  adapter entries raise ValueError.
   """
   flat = flatten(params)
   problems = []
@@ -73,6 +78,13 @@ def import_torch_state(model: VisionTransformer, params: Mapping,
     scope = adapter_scope(layer, target)
     a_shape, b_shape = flat[f'{scope}/A'].shape, flat[f'{scope}/B'].shape
     lora = model.adapter.method == 'lora'
+    if model.adapter.train_bias:
+      paths = base_biases(layer, target)
+      sizes = [int(np.prod(flat[path].shape)) for path in paths]
+      bias = fetch(f'{name}.bias', (sum(sizes),))
+      if bias is not None:
+        for path, part in zip(paths, np.split(bias, np.cumsum(sizes)[:-1])):
+          flat[path] = jnp.asarray(part.reshape(flat[path].shape), flat[path].dtype)
     a = fetch(f'{name}.lora_A', a_shape)
     b = fetch(f'{name}.lora_B', b_shape[::-1] if lora else b_shape)
     if a is not None:

@@ -31,7 +31,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       'normalization': 'inception',  # inception (0.5 mean/std, the paper) | imagenet.
       'fgvc_augment': 'crop_flip',  # crop_flip (VPT) | random_resized_crop (MLAE paper).
       'download': False,            # tfds: let TFDS download and prepare missing data.
-      # synthetic source (all four) and digits source (num_train, seed):
+      # synthetic source (all four) and digits source (num_train, seed; splits
+      # trainval|train and test|val):
       'num_classes': 4,
       'num_train': 64,
       'num_eval': 40,
@@ -75,7 +76,8 @@ def build_task_data(config: Any) -> TaskData:
   if source == 'digits':
     from mlae_jax.data.digits import digits_task
     task = digits_task(task_name, num_train=_field(config, 'num_train'), image_size=image_size,
-                       seed=_field(config, 'seed'))
+                       seed=_field(config, 'seed'), train_split=train_split,
+                       eval_split=eval_split)
     return dataclasses.replace(task, mean=mean, std=std)
 
   if source == 'fgvc':

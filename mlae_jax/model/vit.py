@@ -22,6 +22,7 @@ from mlae_jax.adapters.config import (ATTENTION_TARGETS, MLP_TARGETS, AdapterCon
                                       LayerExperts)
 from mlae_jax.adapters.experts import LowRankExperts
 from mlae_jax.model.attention import dot_product_attention
+from mlae_jax.model.drop_path import DropPath, block_drop_path_rates
 from mlae_jax.model.variants import get_variant
 from mlae_jax.partition import ADAPTER_PREFIX
 
@@ -129,7 +130,9 @@ class EncoderBlock(nn.Module):
 
   With `class_token_only`, the block returns the first token alone (all tokens
   still serve as keys and values): the same value, for the last block of a
-  classifier that reads the class token, at about a quarter of the work.
+  classifier that reads the class token, at about a quarter of the work. In
+  training, both residual branches go through stochastic depth at
+  `drop_path_rate` (timm's `drop_path1` / `drop_path2`).
   """
   num_heads: int
   mlp_dim: int
@@ -137,6 +140,7 @@ class EncoderBlock(nn.Module):
   adapters: tuple[str, ...] = ()
   experts: LayerExperts | None = None
   class_token_only: bool = False
+  drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -148,12 +152,15 @@ class EncoderBlock(nn.Module):
     attention_adapters = tuple(t for t in self.adapters if t in ATTENTION_TARGETS)
     mlp_adapters = tuple(t for t in self.adapters if t in MLP_TARGETS)
     query_tokens = 1 if self.class_token_only else None
-    x = x[:, :query_tokens] + SelfAttention(self.num_heads, attention_adapters, **shared,
-                                            name='MultiHeadDotProductAttention_0')(
-                                                norm(name='LayerNorm_0')(x), train=train,
-                                                query_tokens=query_tokens)
-    return x + MlpBlock(self.mlp_dim, self.gelu_approximate, mlp_adapters, **shared,
-                        name='MlpBlock_0')(norm(name='LayerNorm_1')(x), train=train)
+    attended = SelfAttention(self.num_heads, attention_adapters, **shared,
+                             name='MultiHeadDotProductAttention_0')(
+                                 norm(name='LayerNorm_0')(x), train=train,
+                                 query_tokens=query_tokens)
+    x = x[:, :query_tokens] + DropPath(self.drop_path_rate, name='drop_path_0')(
+        attended, train=train)
+    mlp = MlpBlock(self.mlp_dim, self.gelu_approximate, mlp_adapters, **shared,
+                   name='MlpBlock_0')(norm(name='LayerNorm_1')(x), train=train)
+    return x + DropPath(self.drop_path_rate, name='drop_path_1')(mlp, train=train)
 
 
 class AddPositionEmbs(nn.Module):
@@ -176,6 +183,9 @@ class VisionTransformer(nn.Module):
     adapter: MLAE/LoRA placement and masks; None for the plain ViT.
     gelu_approximate: tanh GELU (as the checkpoints were trained in vit_jax) or,
       by default, exact erf GELU (as timm, which produced the paper's numbers).
+    drop_path_rate: stochastic depth of the last block (timm's `drop_path_rate`);
+      block i gets `drop_path_rate * i / (num_layers - 1)`. Training draws the
+      keep patterns from the 'drop_path' PRNG stream.
     dtype: compute dtype (bfloat16 on GPU); params stay in `param_dtype`.
   Input: images (batch, height, width, 3), pixels in [-1, 1].
   The class token after the final LayerNorm is sown as 'intermediates/pre_logits'.
@@ -188,6 +198,7 @@ class VisionTransformer(nn.Module):
   num_layers: int
   adapter: AdapterConfig | None = None
   gelu_approximate: bool = False
+  drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -209,8 +220,8 @@ class VisionTransformer(nn.Module):
                          x], axis=1)
     x = Encoder(self.num_heads, self.mlp_dim, self.gelu_approximate,
                 self.adapter.targets if self.adapter else (), self.layer_experts(),
-                class_token_only=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                name='Transformer')(x, train=train)
+                class_token_only=True, drop_path_rate=self.drop_path_rate, dtype=self.dtype,
+                param_dtype=self.param_dtype, name='Transformer')(x, train=train)
     pre_logits = x[:, 0]
     self.sow('intermediates', 'pre_logits', pre_logits)
     head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
@@ -230,6 +241,7 @@ class Encoder(nn.Module):
   adapters: tuple[str, ...]
   layer_experts: tuple[LayerExperts | None, ...]
   class_token_only: bool = False
+  drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -237,10 +249,11 @@ class Encoder(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
     last = len(self.layer_experts) - 1
+    rates = block_drop_path_rates(self.drop_path_rate, len(self.layer_experts))
     for index, experts in enumerate(self.layer_experts):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.gelu_approximate, self.adapters,
                        experts, class_token_only=self.class_token_only and index == last,
-                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       drop_path_rate=rates[index], dtype=self.dtype, param_dtype=self.param_dtype,
                        name=f'encoderblock_{index}')(x, train=train)
     return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='encoder_norm')(x)

@@ -8,6 +8,7 @@ import ml_collections
 
 from mlae_jax.adapters.config import AdapterConfig
 from mlae_jax.model.variants import get_variant
+from mlae_jax.training.optimizer import WEIGHT_DECAY_RULES
 from mlae_jax.training.schedules import SCHEDULES
 
 DTYPES = ('auto', 'float32', 'bfloat16')
@@ -42,6 +43,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'checkpoint_every_epochs', 'keep_checkpoints'):
     value = config[field]
     require(isinstance(value, int) and value >= 1, field, value, 'must be an integer >= 1')
+  require(isinstance(config.eval_last_epochs, int) and config.eval_last_epochs >= 0,
+          'eval_last_epochs', config.eval_last_epochs, 'must be an integer >= 0')
+  rate = config.model.drop_path_rate
+  require(isinstance(rate, (int, float)) and 0 <= rate < 1, 'model.drop_path_rate', rate,
+          'must lie in [0, 1)')
+  require(config.weight_decay_rule in WEIGHT_DECAY_RULES, 'weight_decay_rule',
+          config.weight_decay_rule, f'use one of {WEIGHT_DECAY_RULES}')
   for field in ('learning_rate', 'warmup_lr', 'min_lr', 'weight_decay', 'grad_clip_norm'):
     require(config[field] >= 0, field, config[field], 'must be >= 0')
   require(config.learning_rate > 0, 'learning_rate', config.learning_rate, 'must be > 0')

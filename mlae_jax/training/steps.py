@@ -14,6 +14,7 @@ import optax
 from mlae_jax.adapters.experts import DROP_RATES, MASK_RNG
 from mlae_jax.data.augment import Augment
 from mlae_jax.data.task_data import normalize
+from mlae_jax.model.drop_path import DROP_PATH_RNG
 from mlae_jax.model.vit import VisionTransformer
 from mlae_jax.partition import combine
 
@@ -48,6 +49,20 @@ def epoch_order(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array
   return jnp.concatenate([order, jnp.full(steps * batch_size - num_examples, -1, order.dtype)])
 
 
+# The augmentation's key (crops and flips); the other streams are the model's.
+AUGMENT_RNG = 'augment'
+
+
+def step_rngs(key: jax.Array, step: jax.Array | int) -> dict[str, jax.Array]:
+  """The PRNG keys of global training step `step` of a run whose training key is
+  `key`: one stream each for the expert masks, input dropout, stochastic depth and
+  augmentation. They depend on the seed and the step alone, so a resumed run
+  draws exactly what an uninterrupted one draws (and a cross-check can redraw
+  them)."""
+  names = (MASK_RNG, 'dropout', DROP_PATH_RNG, AUGMENT_RNG)
+  return dict(zip(names, jax.random.split(jax.random.fold_in(key, step), len(names))))
+
+
 def train_step(state: TrainState, frozen: Any, images: jax.Array, labels: jax.Array,
                order: jax.Array, index: jax.Array, key: jax.Array, drop_rates: Any = None, *,
                cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -55,8 +70,8 @@ def train_step(state: TrainState, frozen: Any, images: jax.Array, labels: jax.Ar
 
   The batch is gathered from the training set held on the device; padding rows of
   a last, partial batch get zero weight, so the loss is the mean over real examples
-  (as PyTorch's last smaller batch). Masks and crops are drawn from `key` folded
-  with the global step, so a resumed run repeats them exactly. `drop_rates` (the
+  (as PyTorch's last smaller batch). Masks, keep patterns and crops are drawn from
+  `step_rngs(key, step)`, so a resumed run repeats them exactly. `drop_rates` (the
   DROP_RATES collection) overrides the model's expert drop rates.
   """
   rows = jax.lax.dynamic_slice_in_dim(order, index * cfg.batch_size, cfg.batch_size)
@@ -67,18 +82,17 @@ def train_step(state: TrainState, frozen: Any, images: jax.Array, labels: jax.Ar
   if cfg.batch_sharding is not None:
     batch_images, batch_labels, weights = jax.lax.with_sharding_constraint(
         (batch_images, batch_labels, weights), cfg.batch_sharding)
-  step_key = jax.random.fold_in(key, state.step)
-  mask_key, dropout_key, crop_key = jax.random.split(step_key, 3)
+  rngs = step_rngs(key, state.step)
+  augment_key = rngs.pop(AUGMENT_RNG)
   if cfg.augment is not None:
-    batch_images = cfg.augment(crop_key, batch_images)
+    batch_images = cfg.augment(augment_key, batch_images)
   inputs = normalize(batch_images, cfg.mean, cfg.std)
 
   def loss_fn(trainable):
     variables = {'params': combine(trainable, frozen)}
     if drop_rates is not None:
       variables[DROP_RATES] = drop_rates
-    logits = cfg.model.apply(variables, inputs, train=True,
-                             rngs={MASK_RNG: mask_key, 'dropout': dropout_key})
+    logits = cfg.model.apply(variables, inputs, train=True, rngs=rngs)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch_labels)
     loss = jnp.sum(losses * weights) / jnp.sum(weights)
     return loss, logits

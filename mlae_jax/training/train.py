@@ -20,6 +20,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
 from mlae_jax.adapters.experts import drop_rate_variables
+from mlae_jax.adapters.placement import tuned_paths
 from mlae_jax.checkpoints.download import resolve_checkpoint
 from mlae_jax.checkpoints.pretrained import init_params, load_pretrained
 from mlae_jax.data.augment import train_augmentation
@@ -30,8 +31,8 @@ from mlae_jax.partition import combine, count_params, split_trainable
 from mlae_jax.training import config_checks, parallel
 from mlae_jax.training.checkpointing import RunCheckpoints
 from mlae_jax.training.metrics import MetricsLog
-from mlae_jax.training.optimizer import make_optimizer
-from mlae_jax.training.schedules import learning_rate_schedule
+from mlae_jax.training.optimizer import optimizer_from_config
+from mlae_jax.training.schedules import is_evaluation_epoch
 from mlae_jax.training.steps import (StepConfig, TrainState, epoch_order, jit_eval_step,
                                     jit_train_step, stack_configs, unstack_configs)
 
@@ -52,6 +53,7 @@ def create_model_from_config(config: ml_collections.ConfigDict,
   return create_model(config.model.name, num_classes,
                       adapter=config_checks.adapter_config(config),
                       gelu_approximate=config.model.gelu_approximate,
+                      drop_path_rate=float(config.model.drop_path_rate),
                       dtype=compute_dtype(config.model.dtype), **overrides)
 
 
@@ -170,15 +172,12 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
   image_size = data.train_crop or data.train_images.shape[1]
   models = [create_model_from_config(c, data.num_classes) for c in configs]
   init_key, train_key, order_key = jax.random.split(jax.random.key(config.seed), 3)
-  trainable, frozen = split_trainable(initial_params(config, models[0], init_key, image_size))
+  tuned = tuned_paths(models[0].adapter, models[0].num_layers)
+  trainable, frozen = split_trainable(initial_params(config, models[0], init_key, image_size),
+                                      tuned)
   # Same key, so the same A and head as separate runs; only the coefficients differ.
   trainables = [_with_coefficients(trainable, c.mlae.coeff_init) for c in configs]
-  schedule = learning_rate_schedule(
-      config.schedule, base_lr=config.learning_rate, epochs=config.epochs,
-      steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs,
-      warmup_lr=config.warmup_lr, min_lr=config.min_lr)
-  tx = make_optimizer(schedule, weight_decay=config.weight_decay,
-                      grad_clip_norm=config.grad_clip_norm or None)
+  tx, schedule = optimizer_from_config(config, trainable, steps_per_epoch)
   states = [create_train_state(t, tx) for t in trainables]
 
   checkpoints = [RunCheckpoints(os.path.join(w, 'checkpoints'), config.keep_checkpoints)
@@ -195,7 +194,9 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
     _report(f'Resuming from the checkpoint after epoch {start_epoch}.')
   logs = [MetricsLog(w) for w in workdirs]
   for log, history in zip(logs, histories):
-    log.reset(sorted(history['train'] + history['eval'], key=lambda r: (r['epoch'], r['kind'])))
+    # As written during training: an epoch's train record, then its evaluation.
+    log.reset(sorted(history['train'] + history['eval'],
+                     key=lambda r: (r['epoch'], r['kind'] != 'train')))
 
   replicated = parallel.replicated(mesh)
   state = states[0] if count == 1 else stack_configs(states)
@@ -242,7 +243,8 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
     seconds = time.time() - epoch_start
     step = int(jnp.ravel(state.step)[0])
     last = epoch + 1 == config.epochs
-    evaluations = (evaluate() if (epoch + 1) % config.eval_every_epochs == 0 or last
+    evaluations = (evaluate() if is_evaluation_epoch(
+        epoch, epochs=config.epochs, every=config.eval_every_epochs, last=config.eval_last_epochs)
                    else [None] * count)
     for k, (run_sums, result) in enumerate(zip(unstack_configs(sums, count), evaluations)):
       record = {'kind': 'train', 'epoch': epoch + 1, 'step': step,
@@ -270,7 +272,7 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
   final_frozen = jax.device_get(frozen)
   for k, run_state in enumerate(unstack_configs(jax.device_get(state), count)):
     final_params = combine(run_state.trainable, final_frozen)
-    record = _results(configs[k], data, models[k], final_params, histories[k],
+    record = _results(configs[k], data, final_params, tuned, histories[k],
                       time.time() - started)
     record['configs_at_once'] = count
     _export(configs[k], workdirs[k], models[k], final_params, data, image_size)
@@ -293,11 +295,11 @@ def _report(message: str) -> None:
   logging.info(message)
 
 
-def _results(config, data: TaskData, model: VisionTransformer, params: Any,
+def _results(config, data: TaskData, params: Any, tuned: frozenset[str],
              history: dict[str, list], seconds: float) -> dict[str, Any]:
   evaluations = history['eval']
   best = max(evaluations, key=lambda r: r['accuracy'])
-  counts = count_params(params)
+  counts = count_params(params, tuned)
   train_speeds = [r['images_per_sec'] for r in history['train'][1:]] or [
       r['images_per_sec'] for r in history['train']]
   return {
@@ -307,7 +309,15 @@ def _results(config, data: TaskData, model: VisionTransformer, params: Any,
       'best_of_evaluations_accuracy': best['accuracy'],
       'best_of_evaluations_epoch': best['epoch'],
       'evaluated_epochs': [r['epoch'] for r in evaluations],
-      'adapter_params': counts['adapter'], 'trainable_params': counts['trainable'],
+      # How the figures were obtained (config.json beside this file has every field).
+      'recipe': {'schedule': config.schedule, 'weight_decay': config.weight_decay,
+                 'weight_decay_rule': config.weight_decay_rule,
+                 'drop_path_rate': config.model.drop_path_rate,
+                 'train_bias': config.mlae.train_bias,
+                 'evaluation': f'after 0-based epoch e with e % {config.eval_every_epochs} == 0 '
+                               f'or e >= epochs - {config.eval_last_epochs}, and the last'},
+      'adapter_params': counts['adapter'], 'tuned_backbone_params': counts['tuned'],
+      'trainable_params': counts['trainable'],
       'train_images_per_sec_median': float(np.median(train_speeds)) if train_speeds else None,
       'wall_seconds_this_session': seconds,
       'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
