@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mlae_jax.adapters import AdapterConfig
+from mlae_jax.adapters.placement import tuned_paths
 from mlae_jax.model import create_model
 from mlae_jax.partition import count_params
 
@@ -24,13 +25,14 @@ _RANK = flags.DEFINE_integer('rank', 8, 'Experts (LoRA rank) per block.')
 _DROP = flags.DEFINE_float('drop_rate', 0.0, 'Expert-level dropout probability.')
 _MASK = flags.DEFINE_string('mask', 'stochastic', 'stochastic, fixed or mixed.')
 _PATTERN = flags.DEFINE_string('pattern', 'uniform', 'Per-layer pattern (appendix A.5).')
+_TRAIN_BIAS = flags.DEFINE_bool('train_bias', False, 'Also train the adapted layers\' biases.')
 
 
 def describe(model, image_size: int) -> str:
   """A table of per-block adapter settings and the parameter counts by role."""
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, image_size, image_size, 3)))['params']
-  counts = count_params(shapes)
+  counts = count_params(shapes, tuned_paths(model.adapter, model.num_layers))
   lines = []
   if model.adapter is not None:
     lines.append(f'{model.adapter.method} on {", ".join(model.adapter.targets)}')
@@ -38,8 +40,9 @@ def describe(model, image_size: int) -> str:
     for index, s in enumerate(model.layer_experts()):
       lines.append(f'{index:5d}  {s.experts:7d}  {s.drop_rate:9.2f}  {s.coeff_init:10.3f}  '
                    f'{s.adaptive_coeff}')
-  lines.append(', '.join(f'{role} {counts[role]:,}' for role in
-                         ('adapter', 'head', 'trainable', 'backbone', 'total')) + ' parameters')
+  roles = ('adapter', 'head') + (('tuned',) if counts['tuned'] else ()) + (
+      'trainable', 'backbone', 'total')
+  lines.append(', '.join(f'{role} {counts[role]:,}' for role in roles) + ' parameters')
   return '\n'.join(lines)
 
 
@@ -50,7 +53,7 @@ def main(argv):
     if _METHOD.value != 'none':
       adapter = AdapterConfig(method=_METHOD.value, targets=tuple(_TARGETS.value),
                               rank=_RANK.value, drop_rate=_DROP.value, mask=_MASK.value,
-                              pattern=_PATTERN.value)
+                              pattern=_PATTERN.value, train_bias=_TRAIN_BIAS.value)
     model = create_model(_MODEL.value, _CLASSES.value, adapter=adapter)
   except ValueError as error:
     raise app.UsageError(str(error)) from None

@@ -14,7 +14,8 @@ from mlae_jax.checkpoints import load_pretrained
 from mlae_jax.checkpoints.layout import flatten
 from mlae_jax.model.drop_path import DROP_PATH_RNG, DropPath, block_drop_path_rates
 from tiny import images, randomize, tiny_model
-from torch_reference import nchw, set_drop_path_keeps, tensor, timm_with_mlae, tiny_checkpoint
+from torch_reference import (InjectedDropPath, nchw, set_drop_path_keeps, tensor, timm_with_mlae,
+                             tiny_checkpoint)
 
 
 @pytest.mark.parametrize('rate, depth', [(0.1, 12), (0.3, 3), (0.2, 2), (0.1, 1)])
@@ -47,6 +48,22 @@ def test_keep_rate_and_scaling_hold_statistically():
                                   rngs={DROP_PATH_RNG: jax.random.key(1)},
                                   mutable=['intermediates'])
   assert (np.asarray(other['intermediates']['keep'][0]) != keep).any()
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_scaling_rounds_as_timm_in_the_branch_dtype(dtype):
+  rate = 0.2 / 11  # ViT-B/16 block 2 at 0.1: rounding keep_prob to bf16 first would give 1.0234.
+  branch = jax.random.normal(jax.random.key(0), (512, 3, 8)).astype(dtype)
+  ours, state = DropPath(rate).apply({}, branch, train=True,
+                                     rngs={DROP_PATH_RNG: jax.random.key(1)},
+                                     mutable=['intermediates'])
+  keep = np.asarray(state['intermediates']['keep'][0])
+  assert not keep.all()
+  theirs_module = InjectedDropPath(rate)
+  theirs_module.keep = torch.from_numpy(keep)
+  torch_dtype = getattr(torch, dtype)
+  theirs = theirs_module(torch.from_numpy(np.asarray(branch, np.float32)).to(torch_dtype))
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), theirs.float().numpy())
 
 
 def test_evaluation_and_rate_zero_pass_the_branch_unchanged():

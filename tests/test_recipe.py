@@ -111,14 +111,27 @@ def test_evaluation_epochs_follow_spts_rule():
   assert [e for e in range(7) if is_evaluation_epoch(e, epochs=7, every=5, last=0)] == [0, 5, 6]
 
 
+def load_config_file(name):
+  import importlib.util
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(repo, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def test_a_run_records_every_evaluation_of_the_schedule(tmp_path):
-  config = tiny_config(epochs=12, eval_every_epochs=5, eval_last_epochs=3,
-                       checkpoint_every_epochs=12)
+  config = load_config_file('demo').get_config()  # Real digits: accuracy moves between evals.
+  config.baselines, config.progress_bar, config.export_merged = (), False, False
+  config.epochs, config.eval_every_epochs, config.eval_last_epochs = 12, 5, 3
+  config.warmup_epochs, config.checkpoint_every_epochs = 0, 12
   results = train_and_evaluate(config, str(tmp_path))
   evaluations = [r for r in read_metrics(str(tmp_path)) if r['kind'] == 'eval']
   # 0-based epochs 0, 5 (every 5) and 9, 10, 11 (the last 3), recorded 1-based.
   assert [r['epoch'] for r in evaluations] == [1, 6, 10, 11, 12]
   assert results['evaluated_epochs'] == [1, 6, 10, 11, 12]
+  accuracies = [r['accuracy'] for r in evaluations]
+  assert len(set(accuracies)) > 1, accuracies  # So picking the wrong record shows.
   best = max(evaluations, key=lambda r: r['accuracy'])
   assert results['final_epoch_accuracy'] == evaluations[-1]['accuracy']
   assert results['best_of_evaluations_accuracy'] == best['accuracy']
@@ -129,13 +142,7 @@ def test_a_run_records_every_evaluation_of_the_schedule(tmp_path):
 
 @pytest.mark.parametrize('config_file, arg', [('vtab', 'svhn'), ('fgvc', 'cub')])
 def test_benchmark_configs_default_to_the_pytorch_recipe(config_file, arg):
-  import importlib.util
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(config_file,
-                                                os.path.join(repo, 'configs', f'{config_file}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = load_config_file(config_file).get_config(arg)
   assert config.model.drop_path_rate == 0.1
   assert config.weight_decay_rule == 'spt'
   assert config.schedule == 'timm_cosine_spt'
@@ -211,3 +218,10 @@ def test_trained_biases_move_to_pytorch_as_the_wrapped_layers_bias(tmp_path):
 def test_train_bias_must_be_a_bool():
   with pytest.raises(ValueError, match='train_bias must be True or False'):
     AdapterConfig(train_bias='yes')
+
+
+def test_summary_counts_the_trained_biases_at_vit_b16():
+  from mlae_jax.summary import describe
+  text = describe(create_model('ViT-B_16', 10, adapter=AdapterConfig(train_bias=True)), 224)
+  # 12 blocks x (q, k, v biases: 3 x 768) beside the 295,008 adapter parameters.
+  assert 'adapter 295,008, head 7,690, tuned 27,648, trainable 330,346' in text

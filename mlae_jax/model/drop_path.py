@@ -39,6 +39,7 @@ class DropPath(nn.Module):
     keep_prob = 1.0 - self.rate
     keep = jax.random.bernoulli(self.make_rng(DROP_PATH_RNG), keep_prob, (branch.shape[0],))
     self.sow('intermediates', 'keep', keep)
-    # timm: the 0/1 tensor in the branch's dtype, divided by keep_prob, times the branch.
-    scale = keep.astype(branch.dtype) / jnp.asarray(keep_prob, branch.dtype)
+    # timm: the 0/1 tensor divided by the Python float keep_prob (computed in float32,
+    # rounded once to the branch's dtype), times the branch.
+    scale = (keep.astype(jnp.float32) / jnp.float32(keep_prob)).astype(branch.dtype)
     return branch * scale.reshape((-1,) + (1,) * (branch.ndim - 1))

@@ -17,7 +17,8 @@ from mlae_jax.training.schedules import learning_rate_schedule
 #   position embedding), gets no weight decay; every other one gets the configured decay.
 # 'all': the configured decay on every trained parameter.
 WEIGHT_DECAY_RULES = ('spt', 'all')
-# Our names of timm's VisionTransformer.no_weight_decay() entries (cls_token, pos_embed).
+# Our names of timm's VisionTransformer.no_weight_decay() entries (cls_token, pos_embed):
+# part of SPT's rule, in effect only for a run that trains them (no current method does).
 _TIMM_NO_WEIGHT_DECAY = ('cls', 'Transformer/posembed_input/pos_embedding')
 
 
