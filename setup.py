@@ -24,11 +24,12 @@ setup(
         'tqdm',
         # The embedded demo's real data: scikit-learn's bundled handwritten digits.
         'scikit-learn',
+        'matplotlib',  # The results tables' plot (python -m mlae_jax.sweeps.results).
     ],
     extras_require={
         # The PyTorch reference for the cross-checks (timm reads the original .npz).
         'test': ['pytest', 'torch==2.14.1', 'torchvision==0.29.1', 'timm>=1.0',
                  # The notebooks run top to bottom in CI (small mode).
-                 'matplotlib', 'nbclient', 'nbformat', 'ipykernel'],
+                 'nbclient', 'nbformat', 'ipykernel'],
     },
 )

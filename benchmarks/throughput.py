@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from typing import Callable
@@ -114,7 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   if not args.skip_torch:
     # PyTorch first: imported after jaxlib has run, its triton import can crash.
-    import torch_side
+    try:
+      import torch_side
+    except ImportError as error:
+      sys.exit(f'throughput: the PyTorch side needs torch and timm ({error}); install them '
+               "(pip install -e '.[test]') or pass --skip-torch.")
   import jax_side
   from mlae_jax.training.steps import configs_per_pass
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -22,7 +21,8 @@ from mlae_jax.adapters.config import AdapterConfig
 from mlae_jax.adapters.merge import merge_adapters
 from mlae_jax.adapters.placement import tuned_paths
 from mlae_jax.checkpoints import layout
-from mlae_jax.checkpoints.npz import read_npz, write_npz
+from mlae_jax.checkpoints.npz import check_finite, read_npz, write_npz
+from mlae_jax.files import read_json, write_json
 from mlae_jax.checkpoints.pretrained import load_pretrained
 from mlae_jax.model.vit import VisionTransformer
 from mlae_jax.partition import combine, is_trainable, split_trainable
@@ -45,22 +45,21 @@ def export_adapters(directory: str, model: VisionTransformer, params: Any,
       'layers': [dataclasses.asdict(s) for s in model.layer_experts()] if model.adapter else [],
       **(extra or {}),
   }
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    json.dump(description, f, indent=2)
+  write_json(os.path.join(directory, CONFIG_FILE), description)
 
 
 def load_adapter_export(directory: str, pretrained: str, *,
                         rng: jax.Array | None = None) -> tuple[VisionTransformer, dict]:
   """The model and parameters of an adapter export, with its backbone read from the
   pre-trained checkpoint `pretrained` it was trained on."""
-  with open(os.path.join(directory, CONFIG_FILE)) as f:
-    description = json.load(f)
+  description = read_json(os.path.join(directory, CONFIG_FILE))
   adapter = description['adapter']
   model = VisionTransformer(**description['model'],
                             adapter=AdapterConfig(**adapter) if adapter else None)
   params = load_pretrained(pretrained, model, rng=rng if rng is not None else jax.random.key(0),
                            image_size=description.get('image_size', 224))
   trained = read_npz(os.path.join(directory, ADAPTER_FILE))
+  check_finite(trained, os.path.join(directory, ADAPTER_FILE))
   tuned = tuned_paths(model.adapter, model.num_layers)
   _, frozen = split_trainable(params, tuned)
   expected = {k for k in layout.flatten(params) if is_trainable(k, tuned)}

@@ -3,7 +3,9 @@ r"""Fine-tunes a ViT with MLAE on one task.
   python -m mlae_jax.main --config=configs/vtab.py:svhn --workdir=runs/svhn \
       --config.mlae.drop_rate=0.3
 
-Re-running the same command resumes from the latest checkpoint in the workdir.
+Re-running the same command resumes from the latest intact checkpoint in the workdir.
+A problem (bad config, missing file, full disk, diverged training, a workdir holding
+another run or in use) ends the command with one line saying what to do.
 """
 
 import sys
@@ -11,12 +13,17 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mlae_jax import cli
 from mlae_jax.checkpoints.download import CheckpointDownloadError
+from mlae_jax.training.errors import RunError
 from mlae_jax.training.train import train_with_baselines
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and exports.')
+_ALLOW_CHANGES = flags.DEFINE_list(
+    'allow_changes', [], 'Config fields a resumed run may change (e.g. epochs, to train a '
+    'finished run longer); the change is recorded in the workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -25,12 +32,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Libraries' INFO chatter; --verbosity=0 shows it.
+  config = cli.config_value(lambda: _CONFIG.value)
   try:
-    runs = train_with_baselines(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, CheckpointDownloadError) as error:
-    sys.exit(f'mlae_jax: {error}')  # Bad input: the message says what to fix.
+    runs = train_with_baselines(config, _WORKDIR.value, _ALLOW_CHANGES.value)
+  except (ValueError, OSError, RunError, CheckpointDownloadError) as error:
+    # Bad input or a fault (disk, data, divergence): the message says what to do.
+    sys.exit(f'mlae_jax: {error}')
   first = next(iter(runs.values()))
-  print(f'{first["task"]}: {_CONFIG.value.data.eval_split} accuracy on {first["num_eval"]} '
+  print(f'{first["task"]}: {config.data.eval_split} accuracy on {first["num_eval"]} '
         f'images; results in {_WORKDIR.value}')
   print(f'{"method":14s}{"trained params":>16s}{"final epoch":>13s}{"best of evals":>15s}')
   for name, results in runs.items():
@@ -39,4 +48,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

@@ -89,6 +89,8 @@ def test_configs_checkpointed_at_different_epochs_are_refused(tmp_path):
   data = build_task_data(configs[0].data)
   train_configs_on_task(configs, workdirs, data)
   shutil.rmtree(os.path.join(workdirs[1], 'checkpoints', '3'))
+  for w in workdirs:  # Unfinished again (a finished run returns its results untouched).
+    os.remove(os.path.join(w, 'results.json'))
   with pytest.raises(ValueError, match='different epochs'):
     train_configs_on_task(configs, workdirs, data)
 

@@ -100,10 +100,16 @@ def test_corrupt_image_names_the_file(tmp_path):
     build.build_task_data(_folder_config(tmp_path))
 
 
-def test_corrupt_eval_image_fails_when_streamed(tmp_path):
+def test_corrupt_eval_image_fails_before_training(tmp_path):
   _vtab_tree(tmp_path)
-  (tmp_path / 'cifar' / 'images' / 'test' / '000005.png').write_bytes(b'\x89PNG garbage')
+  image = tmp_path / 'cifar' / 'images' / 'test' / '000005.png'
+  intact = image.read_bytes()
+  image.write_bytes(b'\x89PNG garbage')
+  with pytest.raises(ValueError, match='000005.png cannot be decoded'):
+    build.build_task_data(_folder_config(tmp_path))  # Every eval image is decoded up front.
+  image.write_bytes(intact)
   data = build.build_task_data(_folder_config(tmp_path))
+  image.write_bytes(b'\x89PNG garbage')  # Damaged after loading: named when streamed.
   with pytest.raises(ValueError, match='000005.png cannot be decoded'):
     list(data.eval_batches(4))
 

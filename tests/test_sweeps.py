@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mlae_jax.data import fgvc, vtab
+from mlae_jax.files import read_json
 from mlae_jax.sweeps import grid_search, layout, runner
 from mlae_jax.sweeps.grid_search import GridPoint
 from mlae_jax.sweeps.results import collect, summarize
@@ -220,7 +221,7 @@ def test_grid_search_records_every_point_chooses_the_best_and_retrains_it(tmp_pa
     assert (config.mlae.drop_rate, config.mlae.coeff_init, config.seed) == (0.3, 2.0, seed)
     assert workdir == layout.run_workdir(root, 'vtab', 'svhn', seed)
 
-  saved = layout.read_json(os.path.join(layout.grid_task_dir(root, 'vtab', 'svhn'),
+  saved = read_json(os.path.join(layout.grid_task_dir(root, 'vtab', 'svhn'),
                                         'choice.json'))
   assert saved['complete'] and len(saved['grid']) == 36
   assert saved['choice'] == {'drop_rate': 0.3, 'coeff_init': 2.0,

@@ -266,10 +266,11 @@ def test_cli_reports_bad_config_values(tmp_path):
 @pytest.mark.parametrize('field, value, message', [
     ('epochs', 0, 'config.epochs = 0: must be an integer >= 1'),
     ('schedule', 'step', "config.schedule = 'step'"),
-    ('warmup_epochs', 9, 'must lie in [0, epochs=4)'),
+    ('warmup_epochs', 9, 'config.warmup_epochs = 9: must be a finite number in [0, epochs=4)'),
     ('model.dtype', 'float16', "config.model.dtype = 'float16'"),
-    ('learning_rate', 0.0, 'config.learning_rate = 0.0: must be > 0'),
-    ('model.drop_path_rate', 1.0, 'config.model.drop_path_rate = 1.0: must lie in [0, 1)'),
+    ('learning_rate', 0.0, 'config.learning_rate = 0.0: must be a finite number > 0'),
+    ('model.drop_path_rate', 1.0,
+     'config.model.drop_path_rate = 1.0: must be a finite number in [0, 1)'),
     ('weight_decay_rule', 'none', "config.weight_decay_rule = 'none': use one of ('spt', 'all')"),
     ('eval_last_epochs', -1, 'config.eval_last_epochs = -1: must be an integer >= 0'),
 ])

@@ -105,11 +105,24 @@ class AdapterConfig:
       fail(f'targets {self.targets} name a layer twice.')
     if 'qkv' in self.targets and set(self.targets) & {'query', 'key', 'value'}:
       fail("'qkv' already covers query, key and value; do not combine them.")
+    for name in ('adaptive_coeff', 'per_example_mask', 'train_bias'):
+      if not isinstance(getattr(self, name), bool):
+        fail(f'{name} must be True or False, got {getattr(self, name)!r}.')
+    if not isinstance(self.pattern_seed, int) or isinstance(self.pattern_seed, bool):
+      fail(f'pattern_seed must be an integer, got {self.pattern_seed!r}.')
+    for name in ('coeff_init', 'input_dropout'):
+      value = getattr(self, name)
+      if not _is_number(value) or not math.isfinite(value):
+        fail(f'{name} must be a finite number, got {value!r}.')
+    if self.lora_alpha is not None and not (
+        _is_number(self.lora_alpha) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+      fail(f'lora_alpha must be a finite number > 0 (or None for the rank), got '
+           f'{self.lora_alpha!r}.')
     for rank in _as_tuple(self.rank):
       if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         fail(f'rank must be an integer >= 1 (or one per layer), got {self.rank!r}.')
     for p in _as_tuple(self.drop_rate):
-      if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+      if not _is_number(p) or not 0.0 <= p < 1.0:
         fail(f'drop_rate must lie in [0, 1) (or one per layer), got {self.drop_rate!r}.')
     if not 0.0 <= self.input_dropout < 1.0:
       fail(f'input_dropout must lie in [0, 1), got {self.input_dropout!r}.')
@@ -132,10 +145,6 @@ class AdapterConfig:
           and self.rank != patterns.PAPER_RANK):
         fail(f'the paper\'s {self.pattern!r} expert counts assume rank {patterns.PAPER_RANK}; '
              'for another budget give rank as one int per layer with pattern=uniform.')
-    if not isinstance(self.train_bias, bool):
-      fail(f'train_bias must be True or False, got {self.train_bias!r}.')
-    if not math.isfinite(self.coeff_init):
-      fail(f'coeff_init must be finite, got {self.coeff_init!r}.')
     if self.method == 'lora':
       if self.coeff_init != 1.0 or not self.adaptive_coeff:
         fail('coeff_init and adaptive_coeff belong to MLAE; LoRA scales by lora_alpha / rank.')
@@ -170,6 +179,10 @@ class AdapterConfig:
     if self.mask == 'stochastic' and self.pattern != 'uniform':
       return patterns.stretch(patterns.STOCHASTIC_PATTERNS[self.pattern], num_layers)
     return _per_layer('drop_rate', self.drop_rate, num_layers)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _as_tuple(value) -> tuple:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from typing import Mapping
 
 import numpy as np
+
+from mlae_jax.files import atomic_write
 
 
 class CheckpointError(ValueError):
@@ -31,20 +32,19 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         'is probably truncated or corrupt: delete it and download it again.') from error
 
 
+def check_finite(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+  """Raises CheckpointError naming the arrays of `path` that hold NaN or infinities."""
+  bad = sorted(key for key, value in arrays.items()
+               if np.issubdtype(np.asarray(value).dtype, np.floating)
+               and not np.isfinite(value).all())
+  if bad:
+    shown = ', '.join(bad[:8]) + (f' ... and {len(bad) - 8} more' if len(bad) > 8 else '')
+    raise CheckpointError(f'{os.fspath(path)} holds NaN or infinite values in {len(bad)} '
+                          f'arrays: {shown}. The file is damaged or comes from a diverged '
+                          'run; use another copy.')
+
+
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
   """Writes atomically: a crash never leaves a partial file under `path`."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, tmp = tempfile.mkstemp(suffix='.npz.tmp', dir=directory)
-  try:
-    with os.fdopen(handle, 'wb') as f:
-      np.savez(f, **{key: np.asarray(value) for key, value in arrays.items()})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_write(path) as f:
+    np.savez(f, **{key: np.asarray(value) for key, value in arrays.items()})

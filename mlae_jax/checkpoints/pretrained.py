@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlae_jax.checkpoints import layout
-from mlae_jax.checkpoints.npz import CheckpointError, read_npz
+from mlae_jax.checkpoints.npz import CheckpointError, check_finite, read_npz
 from mlae_jax.checkpoints.posemb import resize_pos_embedding
 from mlae_jax.model.vit import VisionTransformer
 from mlae_jax.partition import param_role
@@ -22,10 +22,15 @@ _DISCARDED = ('pre_logits/', 'head/')
 
 def init_params(model: VisionTransformer, rng: jax.Array, image_size: int = 224) -> dict:
   """Freshly initialised parameters for square images of `image_size`."""
-  return jax.jit(model.init)(rng, _dummy_images(image_size))['params']
+  return jax.jit(model.init)(rng, _dummy_images(image_size, model.patch_size))['params']
 
 
-def _dummy_images(image_size: int) -> jax.Array:
+def _dummy_images(image_size: int, patch_size: int) -> jax.Array:
+  if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+    raise ValueError(f'image_size must be an integer >= 1, got {image_size!r}.')
+  if image_size % patch_size:
+    raise ValueError(f'image_size {image_size} is not a multiple of the patch size '
+                     f'{patch_size}: the patches would not tile the image.')
   return jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
 
@@ -42,7 +47,7 @@ def load_pretrained(path: str | os.PathLike, model: VisionTransformer, *, rng: j
   discarded = ('pre_logits/',) if keep_head else _DISCARDED
   loaded = {key: value for key, value in layout.to_linen(read_npz(path)).items()
             if not key.startswith(discarded)}
-  images = _dummy_images(image_size)
+  images = _dummy_images(image_size, model.patch_size)
   shapes = layout.flatten(jax.eval_shape(model.init, rng, images)['params'])
   kept = ('backbone', 'head') if keep_head else ('backbone',)
   expected = {key: leaf.shape for key, leaf in shapes.items() if param_role(key) in kept}
@@ -51,6 +56,7 @@ def load_pretrained(path: str | os.PathLike, model: VisionTransformer, *, rng: j
       and posemb.ndim == 3 and posemb.shape[-1] == want[-1]):
     loaded[POS_EMBEDDING] = resize_pos_embedding(posemb, want[1])
   _check_fits(loaded, expected, path, model)
+  check_finite(loaded, path)
 
   def fresh_leaves(key):  # Only adapters and head: XLA drops the backbone's init.
     params = layout.flatten(model.init(key, images)['params'])

@@ -149,7 +149,10 @@ def load_fgvc_task(task: FgvcTask, *, data_dir: str, train_split: str, eval_spli
       _load, transform=functools.partial(preprocess.fgvc_eval_image, image_size=image_size))
   canvas = preprocess.fgvc_resize_size(image_size)
   train_images = parallel.map_into_array(load_train, train_paths, len(train_paths),
-                                         (canvas, canvas, 3), workers)
+                                         (canvas, canvas, 3), workers,
+                                         desc=f'decoding {train_split}.json')
+  # Evaluation streams its images later: decode each once now, so none fails mid-run.
+  image_files.check_decodable(eval_paths, f'{eval_split}.json', workers)
 
   return TaskData(name=task.name, num_classes=task.num_classes, train_images=train_images,
                   train_labels=train_labels,

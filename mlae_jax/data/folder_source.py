@@ -76,7 +76,10 @@ def load_folder_task(task: VtabTask, *, root: str, train_split: str, eval_split:
   eval_paths, eval_labels = read_list(folder, eval_split, task.num_classes)
   load = functools.partial(_load, image_size=image_size, resize=resize)
   train_images = parallel.map_into_array(load, train_paths, len(train_paths),
-                                         (image_size, image_size, 3), workers)
+                                         (image_size, image_size, 3), workers,
+                                         desc=f'decoding {train_split}.txt')
+  # Evaluation streams its images later: decode each once now, so none fails mid-run.
+  image_files.check_decodable(eval_paths, f'{eval_split}.txt', workers)
 
   return TaskData(name=task.name, num_classes=task.num_classes, train_images=train_images,
                   train_labels=train_labels,

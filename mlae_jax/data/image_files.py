@@ -7,6 +7,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from mlae_jax.data import parallel
 from mlae_jax.data.task_data import Batch, padded_batches
@@ -20,6 +21,8 @@ def read_rgb(path: str) -> np.ndarray:
       return np.asarray(image.convert('RGB'))
   except FileNotFoundError:
     raise FileNotFoundError(f'Image file {path} does not exist.') from None
+  except (PermissionError, IsADirectoryError) as error:
+    raise ValueError(f'Image file {path} cannot be read: {error.strerror}.') from None
   except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for corrupt files.
     raise ValueError(f'Image file {path} cannot be decoded: {error}') from error
 
@@ -34,6 +37,16 @@ def check_exist(paths: Sequence[str], listed_in: str) -> None:
     raise FileNotFoundError(
         f'{len(missing)} of the {len(paths)} images listed in {listed_in} are missing:\n  '
         f'{shown}{more}')
+
+
+def check_decodable(paths: Sequence[str], listed_in: str, workers: int | None = None) -> None:
+  """Decodes every listed image once, in parallel with a progress bar, so that an
+  unreadable or undecodable file (named in the error) stops a run before training, not
+  at its first evaluation."""
+  images = parallel.ordered_map(read_rgb, paths, workers)
+  for _ in tqdm(images, total=len(paths), unit='image', desc=f'checking {listed_in}',
+                leave=False):
+    pass
 
 
 def streamed_eval_batches(load: Callable[[str], np.ndarray], paths: Sequence[str],

@@ -12,6 +12,7 @@ import os
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
+from tqdm.auto import tqdm
 
 In = TypeVar('In')
 Out = TypeVar('Out')
@@ -46,12 +47,16 @@ def ordered_map(fn: Callable[[In], Out], items: Iterable[In], workers: int | Non
 
 
 def map_into_array(fn: Callable[[In], np.ndarray], items: Iterable[In], count: int,
-                   shape: tuple[int, ...], workers: int | None = None) -> np.ndarray:
+                   shape: tuple[int, ...], workers: int | None = None,
+                   desc: str | None = None) -> np.ndarray:
   """uint8 array (count, *shape) of fn(item) for `count` items, filled in place so a large
-  training set is never held twice (list + stacked copy)."""
+  training set is never held twice (list + stacked copy); a progress bar when `desc`."""
   out = np.empty((count,) + tuple(shape), np.uint8)
   filled = 0
-  for index, value in enumerate(ordered_map(fn, items, workers)):
+  values = ordered_map(fn, items, workers)
+  if desc:
+    values = tqdm(values, total=count, unit='image', desc=desc, leave=False)
+  for index, value in enumerate(values):
     if index >= count:
       raise ValueError(f'More than the expected {count} items.')
     out[index] = value

@@ -202,6 +202,24 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def __post_init__(self):
+    # Shapes that cannot work fail here, by name, not deep inside a matrix product.
+    for field in ('num_classes', 'patch_size', 'hidden_size', 'mlp_dim', 'num_heads',
+                  'num_layers'):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'VisionTransformer: {field} must be an integer >= 1, got {value!r}.')
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'VisionTransformer: num_heads {self.num_heads} does not divide '
+                       f'hidden_size {self.hidden_size}.')
+    if not (isinstance(self.drop_path_rate, (int, float)) and 0 <= self.drop_path_rate < 1):
+      raise ValueError(f'VisionTransformer: drop_path_rate must lie in [0, 1), got '
+                       f'{self.drop_path_rate!r}.')
+    if self.adapter is not None and not isinstance(self.adapter, AdapterConfig):
+      raise ValueError(f'VisionTransformer: adapter must be an AdapterConfig or None, got '
+                       f'{self.adapter!r}.')
+    super().__post_init__()
+
   def layer_experts(self) -> tuple[LayerExperts | None, ...]:
     """The adapter settings of each block (None without adapters)."""
     if self.adapter is None:

@@ -23,8 +23,11 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
+from mlae_jax.files import read_json, write_json
 from mlae_jax.sweeps import layout, runner
 from mlae_jax.sweeps.runner import Run, TrainFn
+from mlae_jax.training.errors import RunError
+from mlae_jax.training.workdir import RESULTS_FILE
 
 P_GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
 COEFF_GRID = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -114,7 +117,7 @@ def _point_record(point: GridPoint, runs: Sequence[Run]) -> dict[str, Any]:
   if any(state != layout.FINISHED for state in record['status']):
     record['finished'] = False
     return record
-  results = [layout.read_json(os.path.join(run.workdir, layout.RESULTS_FILE)) for run in runs]
+  results = [read_json(os.path.join(run.workdir, RESULTS_FILE)) for run in runs]
   final = [float(r['final_epoch_accuracy']) for r in results]
   best = [float(r['best_of_evaluations_accuracy']) for r in results]
   num_eval = [r.get('num_eval') for r in results]
@@ -217,7 +220,7 @@ def grid_markdown(record: Mapping[str, Any]) -> str:
 
 def write_record(root: str, record: Mapping[str, Any]) -> str:
   directory = layout.grid_task_dir(root, record['benchmark'], record['task'])
-  layout.write_json(os.path.join(directory, layout.CHOICE_FILE), record)
+  write_json(os.path.join(directory, layout.CHOICE_FILE), record)
   with open(os.path.join(directory, 'grid.md'), 'w') as f:
     f.write(grid_markdown(record))
   return os.path.join(directory, layout.CHOICE_FILE)
@@ -308,8 +311,8 @@ def main(argv: Sequence[str]) -> None:
         print(summary)
         failed |= bool(summary.failed)
       failed |= not record['complete'] and not values.dry_run and 'search' in stages
-  except (ValueError, FileNotFoundError) as error:
-    sys.exit(f'mlae_jax: {error}')
+  except (ValueError, OSError, RunError) as error:
+    sys.exit(f'mlae_jax: {error}')  # Bad input or a fault: the message says what to do.
   if failed:
     sys.exit(1)
 
@@ -318,6 +321,7 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
 
+  from mlae_jax import cli
   from mlae_jax.training.defaults import base_config
 
   flags.DEFINE_string('benchmark', 'vtab', 'vtab or fgvc (configs/<benchmark>.py).')
@@ -337,9 +341,11 @@ if __name__ == '__main__':
   flags.DEFINE_bool('keep_going', False, 'Go on after a failed run (exit status 1 at the end).')
   flags.DEFINE_string('compilation_cache', '', 'A folder for JAX\'s persistent compilation '
                       'cache, shared by the runs (default: off).')
-  config_flags.DEFINE_config_dict('config', base_config(),
-                                  'Overrides for both stages: --config.<field>=<value>.')
-  config_flags.DEFINE_config_dict('search_config', base_config(),
-                                  'Overrides for the search stage only (e.g. fewer epochs).')
+  for name, help_text in (('config', 'Overrides for both stages: --config.<field>=<value>.'),
+                          ('search_config', 'Overrides for the search stage only (e.g. fewer '
+                           'epochs).')):
+    cli.config_value(  # DEFINE_config_dict parses its overrides now.
+        lambda: config_flags.DEFINE_config_dict(name, base_config(), help_text), base_config(),
+        ('config', 'search_config'))
   flags.mark_flags_as_required(['tasks', 'root'])
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(base_config(), ('config', 'search_config')))

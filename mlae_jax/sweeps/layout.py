@@ -2,19 +2,18 @@
 
 A sweep run's workdir is `<root>/<benchmark>/<task>/seed_<n>`, and the grid search's
 points are `<root>/grid/<benchmark>/<task>/p<p>_coeff<c>/seed_<n>`. A run is finished
-when its workdir holds the `results.json` that `train_and_evaluate` writes last, and
-unfinished when the workdir exists without it (training resumes from its checkpoints).
+when its workdir holds the `results.json` that `train_and_evaluate` writes last, parsed
+and complete, and unfinished otherwise when the workdir exists (training resumes from
+its checkpoints; `mlae_jax.training.workdir` owns a workdir's layout).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from typing import Any
 
-RESULTS_FILE = 'results.json'  # As mlae_jax.training.train writes it, after the last epoch.
-CONFIG_FILE = 'config.json'  # Written by train_and_evaluate when a run starts.
+from mlae_jax.training.workdir import CHECKPOINT_DIR, results_complete
+
 GRID_DIR = 'grid'
 CHOICE_FILE = 'choice.json'
 _SEED_DIR = re.compile(r'^seed_(\d+)$')
@@ -41,8 +40,9 @@ def grid_workdir(root: str, benchmark: str, task: str, drop_rate: float, coeff_i
 
 
 def status(workdir: str) -> str:
-  """FINISHED (results.json present), UNFINISHED (workdir only) or NEW."""
-  if os.path.isfile(os.path.join(workdir, RESULTS_FILE)):
+  """FINISHED (results.json parses and is complete), UNFINISHED (a workdir without
+  one: it resumes) or NEW."""
+  if results_complete(workdir):
     return FINISHED
   return UNFINISHED if os.path.isdir(workdir) else NEW
 
@@ -50,26 +50,11 @@ def status(workdir: str) -> str:
 def latest_checkpoint_epoch(workdir: str) -> int | None:
   """The epochs completed by the newest checkpoint in `workdir` (orbax names its steps
   by number; training numbers them by epoch), for progress messages only."""
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     return None
   epochs = [int(name) for name in os.listdir(directory) if name.isdigit()]
   return max(epochs, default=None)
-
-
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_json(path: str, value: Any) -> None:
-  """Writes through a temporary file, so a reader never sees half a file."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  partial = path + '.partial'
-  with open(partial, 'w') as f:
-    json.dump(value, f, indent=2)
-    f.write('\n')
-  os.replace(partial, path)
 
 
 def seed_dirs(task_dir: str) -> dict[int, str]:

@@ -24,8 +24,10 @@ from typing import Sequence
 
 import numpy as np
 
+from mlae_jax.files import read_json
 from mlae_jax.sweeps import layout, paper
 from mlae_jax.sweeps.benchmarks import Benchmark, get_benchmark, group_of
+from mlae_jax.training.workdir import CONFIG_FILE, RESULTS_FILE
 
 STD_NOTE = 'std: sample standard deviation over seeds (ddof=1).'
 METRICS = {'final': 'final_epoch_accuracy', 'best': 'best_of_evaluations_accuracy'}
@@ -103,9 +105,9 @@ class Table:
 
 def read_run(benchmark: str, task: str, seed: int, workdir: str) -> RunRecord:
   """The RunRecord of a finished workdir; ValueError names a file that cannot be used."""
-  path = os.path.join(workdir, layout.RESULTS_FILE)
+  path = os.path.join(workdir, RESULTS_FILE)
   try:
-    results = layout.read_json(path)
+    results = read_json(path)
     final = float(results['final_epoch_accuracy'])
     best = float(results['best_of_evaluations_accuracy'])
   except (OSError, ValueError, KeyError, TypeError) as error:
@@ -113,10 +115,10 @@ def read_run(benchmark: str, task: str, seed: int, workdir: str) -> RunRecord:
   if 'seed' in results and results['seed'] != seed:
     raise ValueError(f'{path}: records seed {results["seed"]} but lies in seed_{seed}/.')
   drop_rate = coeff_init = None
-  config_path = os.path.join(workdir, layout.CONFIG_FILE)
+  config_path = os.path.join(workdir, CONFIG_FILE)
   if os.path.isfile(config_path):
     try:
-      mlae = layout.read_json(config_path).get('mlae', {})
+      mlae = read_json(config_path).get('mlae', {})
       drop_rate, coeff_init = mlae.get('drop_rate'), mlae.get('coeff_init')
     except (OSError, ValueError, AttributeError):
       pass  # The settings column is informative only.
@@ -134,9 +136,9 @@ def collect(root: str) -> Collected:
   for benchmark, tasks in found.items():
     for task, seeds in tasks.items():
       for seed, workdir in seeds.items():
-        if layout.status(workdir) != layout.FINISHED:
+        if not os.path.isfile(os.path.join(workdir, RESULTS_FILE)):
           unfinished.append((benchmark, task, seed, workdir))
-          continue
+          continue  # A results.json that is there but broken is a problem, reported.
         try:
           runs.append(read_run(benchmark, task, seed, workdir))
         except ValueError as error:

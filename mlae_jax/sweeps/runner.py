@@ -16,8 +16,8 @@ seed, then the next seed), so a whole table exists early.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -28,11 +28,11 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from mlae_jax.sweeps import layout
+from mlae_jax.training import workdir as run_files
+from mlae_jax.training.errors import RunError
+from mlae_jax.training.workdir import WorkdirConflict
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
-
-# Fields a re-run may change without changing the run: where files live, and display.
-LOCATION_FIELDS = ('progress_bar', 'cache_dir', 'download', 'data.data_dir', 'data.download')
 REPO_CONFIGS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs')
 SKIPPED, TRAINED, RESUMED, FAILED = 'skipped', 'trained', 'resumed', 'failed'
@@ -44,10 +44,6 @@ RESERVED = {
 }
 
 
-class WorkdirConflict(ValueError):
-  """A workdir holds a run made with another config."""
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run:
   benchmark: str
@@ -56,6 +52,8 @@ class Run:
   workdir: str
   config: ml_collections.ConfigDict
   name: str = ''  # For messages; defaults to <benchmark>/<task> seed <n>.
+  # Config fields this run may change on resume (run_files.RESUMABLE_FIELDS).
+  allow_changes: tuple[str, ...] = ()
 
   def __str__(self) -> str:
     return self.name or f'{self.benchmark}/{self.task} seed {self.seed}'
@@ -161,51 +159,26 @@ def task_config(benchmark: str, task: str, seed: int, overrides: Mapping[str, An
   return config
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def config_differences(saved: Mapping[str, Any],
-                       config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """field -> (saved, new) for fields both configs have that differ, except the
-  LOCATION_FIELDS (fields only one of them has cannot be told apart from version drift)."""
-  new = _flatten(json.loads(config.to_json_best_effort()))
-  old = _flatten(saved)
-  return {key: (old[key], new[key]) for key in sorted(set(old) & set(new))
-          if key not in LOCATION_FIELDS and old[key] != new[key]}
-
-
-def check_workdir(run: Run) -> None:
-  """Raises WorkdirConflict if `run.workdir` holds a run made with another config."""
-  path = os.path.join(run.workdir, layout.CONFIG_FILE)
-  if not os.path.isfile(path):
-    return
+def check_workdir(run: Run) -> bool:
+  """Raises WorkdirConflict if `run.workdir` holds a run made with another config (one
+  check, shared with training: `mlae_jax.training.workdir.check_config`); returns
+  whether the run changes allowed fields, so that a finished one trains on."""
   try:
-    saved = layout.read_json(path)
-  except (OSError, ValueError) as error:
-    raise WorkdirConflict(f'{path} is unreadable ({error}); move the workdir away.') from None
-  differences = config_differences(saved, run.config)
-  if differences:
-    listed = '; '.join(f'{key}: {old!r} there, {new!r} now'
-                       for key, (old, new) in list(differences.items())[:8])
-    raise WorkdirConflict(
-        f'{run.workdir} holds a run of {run} with another config ({listed}). Use another '
-        '--root for other settings, or delete that workdir to redo it.')
+    return bool(run_files.check_config(run.workdir, run.config, run.allow_changes))
+  except WorkdirConflict as error:
+    raise WorkdirConflict(f'{run}: {error}') from None
 
 
 def plan(benchmark: str, tasks: str | Sequence[str], seeds: str | Sequence[int], root: str,
-         overrides: Mapping[str, Any] = {}, configs_dir: str | None = None) -> list[Run]:
+         overrides: Mapping[str, Any] = {}, configs_dir: str | None = None,
+         allow_changes: Sequence[str] = ()) -> list[Run]:
   """Every (seed, task) run of the sweep, seed-major, with its config, each workdir
   checked against its saved config; nothing is trained."""
   module = load_config_module(benchmark, configs_dir)
+  allow_changes = run_files.check_allowed(allow_changes)
   runs = [Run(benchmark, task, seed, layout.run_workdir(root, benchmark, task, seed),
-              task_config(benchmark, task, seed, overrides, module=module))
+              task_config(benchmark, task, seed, overrides, module=module),
+              allow_changes=allow_changes)
           for seed in parse_seeds(seeds) for task in task_names(benchmark, tasks)]
   for run in runs:
     check_workdir(run)
@@ -245,14 +218,14 @@ def execute(runs: Sequence[Run], train_fn: TrainFn | None = None,
   """Trains every run that has not finished (resuming unfinished ones) and skips the
   finished ones. A failure stops the sweep, or with `keep_going` is recorded and the
   sweep goes on."""
-  train_fn = train_fn or default_train_fn()
   summary = SweepSummary()
   for index, run in enumerate(runs, 1):
     where = f'[{index}/{len(runs)}] {run}'
     if _skip_if_finished(run, where, summary):
       continue
     logging.info('%s: %s -> training in %s.', where, describe(run), run.workdir)
-    _train_group([run], lambda: train_fn(run.config, run.workdir), where, keep_going, summary)
+    fn = train_fn or functools.partial(default_train_fn(), allow_changes=run.allow_changes)
+    _train_group([run], lambda: fn(run.config, run.workdir), where, keep_going, summary)
   return summary
 
 
@@ -277,21 +250,24 @@ def execute_at_once(runs: Sequence[Run], configs_at_once: int,
     logging.info('%s training %d runs at once: %s', where, len(group), '; '.join(map(str, group)))
 
     def train(group=group):
+      allow_changes = group[0].allow_changes
       try:
-        train_and_evaluate_at_once([r.config for r in group], [r.workdir for r in group])
+        train_and_evaluate_at_once([r.config for r in group], [r.workdir for r in group],
+                                   allow_changes)
       except ValueError as error:
         if 'different epochs' not in str(error):
           raise
         logging.warning('%s; training the group one run at a time.', error)
         for run in group:
-          train_and_evaluate(run.config, run.workdir)
+          train_and_evaluate(run.config, run.workdir, allow_changes)
 
     _train_group(group, train, where, keep_going, summary)
   return summary
 
 
 def _skip_if_finished(run: Run, where: str, summary: SweepSummary) -> bool:
-  if layout.status(run.workdir) != layout.FINISHED:
+  """Records a finished run as skipped, unless it changes allowed fields (more epochs)."""
+  if layout.status(run.workdir) != layout.FINISHED or check_workdir(run):
     return False
   logging.info('%s: finished, skipped.', where)
   summary.outcomes.append((run, SKIPPED, ''))
@@ -309,7 +285,7 @@ def _train_group(group: Sequence[Run], train: Callable[[], Any], where: str, kee
     train()
     for run in group:
       if layout.status(run.workdir) != layout.FINISHED:
-        raise RuntimeError(f'training returned without writing {layout.RESULTS_FILE}')
+        raise RuntimeError(f'training returned without writing {run_files.RESULTS_FILE}')
   except Exception as error:  # pylint: disable=broad-except
     if not keep_going:
       raise
@@ -325,9 +301,9 @@ def _train_group(group: Sequence[Run], train: Callable[[], Any], where: str, kee
 def run_sweep(benchmark: str, tasks: str | Sequence[str], seeds: str | Sequence[int],
               root: str, overrides: Mapping[str, Any] = {}, train_fn: TrainFn | None = None,
               configs_dir: str | None = None, keep_going: bool = False,
-              shard_spec: str = '') -> SweepSummary:
+              shard_spec: str = '', allow_changes: Sequence[str] = ()) -> SweepSummary:
   """plan + execute: the sweep of `tasks` x `seeds` under `root`."""
-  runs = plan(benchmark, tasks, seeds, root, overrides, configs_dir)
+  runs = plan(benchmark, tasks, seeds, root, overrides, configs_dir, allow_changes)
   return execute(shard(runs, shard_spec), train_fn, keep_going)
 
 
@@ -352,7 +328,7 @@ def main(argv: Sequence[str]) -> None:
   overrides = flags.FLAGS['config'].override_values
   try:
     runs = shard(plan(values.benchmark, values.tasks, values.seeds, values.root, overrides,
-                      values.configs_dir or None), values.shard)
+                      values.configs_dir or None, values.allow_changes), values.shard)
   except ValueError as error:
     sys.exit(f'mlae_jax: {error}')
   if values.dry_run:
@@ -363,8 +339,8 @@ def main(argv: Sequence[str]) -> None:
     set_compilation_cache(values.compilation_cache)
   try:
     summary = execute(runs, keep_going=values.keep_going)
-  except (ValueError, FileNotFoundError) as error:
-    sys.exit(f'mlae_jax: {error}')  # Bad input (config, data): the message says what to fix.
+  except (ValueError, OSError, RunError) as error:
+    sys.exit(f'mlae_jax: {error}')  # Bad input or a fault: the message says what to do.
   print(summary)
   if summary.failed:
     sys.exit(1)
@@ -374,6 +350,7 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
 
+  from mlae_jax import cli
   from mlae_jax.training.defaults import base_config
 
   flags.DEFINE_string('benchmark', 'vtab', 'The config file configs/<benchmark>.py to sweep.')
@@ -384,10 +361,12 @@ if __name__ == '__main__':
   flags.DEFINE_string('shard', '', 'i/n: run only every n-th run from the i-th.')
   flags.DEFINE_bool('dry_run', False, 'List the runs and their state; train nothing.')
   flags.DEFINE_bool('keep_going', False, 'Go on after a failed run (exit status 1 at the end).')
+  flags.DEFINE_list('allow_changes', [], 'Config fields the runs may change on resume (e.g. '
+                    'epochs, to train finished runs longer); recorded in each workdir.')
   flags.DEFINE_string('compilation_cache', '', 'A folder for JAX\'s persistent compilation '
                       'cache, shared by the runs (default: off).')
-  config_flags.DEFINE_config_dict(
+  cli.config_value(lambda: config_flags.DEFINE_config_dict(  # Parses its overrides now.
       'config', base_config(), 'Overrides applied to every run: --config.<field>=<value>, '
-      'as for mlae_jax.main.')
+      'as for mlae_jax.main.'), base_config())
   flags.mark_flag_as_required('root')
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(base_config()))

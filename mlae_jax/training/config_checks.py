@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -31,31 +32,71 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
     raise ValueError(f'Bad config: config.mlae has an unknown field ({error}).') from None
 
 
+_MODEL_SIZES = ('patch_size', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers')
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError on the first value a run cannot use."""
+  """Raises ValueError on the first value a run cannot use (a wrong type, a non-finite
+  or senseless number, a model shape that cannot work), before anything is built."""
   def require(condition: bool, field: str, value: Any, expectation: str) -> None:
     if not condition:
       raise ValueError(f'Bad config value config.{field} = {value!r}: {expectation}.')
 
-  get_variant(config.model.name)
+  def integer(field: str, value: Any, low: int) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low, field,
+            value, f'must be an integer >= {low}')
+
+  def number(field: str, value: Any, expectation: str, check) -> None:
+    require(_is_number(value) and math.isfinite(value) and check(value), field, value,
+            f'must be a finite number {expectation}')
+
+  def flag(field: str, value: Any) -> None:
+    require(isinstance(value, bool), field, value, 'must be True or False')
+
+  if not isinstance(config.model.name, str):
+    raise ValueError(f'Bad config value config.model.name = {config.model.name!r}: must be a '
+                     'name such as ViT-B_16.')
+  variant = get_variant(config.model.name)
   require(config.model.dtype in DTYPES, 'model.dtype', config.model.dtype, f'use one of {DTYPES}')
+  sizes = {}
+  for field in _MODEL_SIZES:
+    value = config.model[field]
+    if value is not None:
+      integer(f'model.{field}', value, 1)
+    sizes[field] = getattr(variant, field) if value is None else value
+  require(sizes['hidden_size'] % sizes['num_heads'] == 0, 'model.num_heads', sizes['num_heads'],
+          f'must divide the hidden size {sizes["hidden_size"]} (heads of equal width)')
+  flag('model.gelu_approximate', config.model.gelu_approximate)
+  number('model.drop_path_rate', config.model.drop_path_rate, 'in [0, 1)', lambda v: 0 <= v < 1)
+
+  integer('data.image_size', config.data.image_size, 1)
+  require(config.data.image_size % sizes['patch_size'] == 0, 'data.image_size',
+          config.data.image_size, f'must be a multiple of the patch size {sizes["patch_size"]}')
+  if config.data.source == 'synthetic':
+    integer('data.num_classes', config.data.num_classes, 2)
+
   for field in ('epochs', 'batch_size', 'eval_batch_size', 'eval_every_epochs',
                 'checkpoint_every_epochs', 'keep_checkpoints'):
-    value = config[field]
-    require(isinstance(value, int) and value >= 1, field, value, 'must be an integer >= 1')
-  require(isinstance(config.eval_last_epochs, int) and config.eval_last_epochs >= 0,
-          'eval_last_epochs', config.eval_last_epochs, 'must be an integer >= 0')
-  rate = config.model.drop_path_rate
-  require(isinstance(rate, (int, float)) and 0 <= rate < 1, 'model.drop_path_rate', rate,
-          'must lie in [0, 1)')
+    integer(field, config[field], 1)
+  integer('eval_last_epochs', config.eval_last_epochs, 0)
+  integer('seed', config.seed, 0)
+  for field in ('progress_bar', 'export_merged', 'download'):
+    flag(field, config[field])
   require(config.weight_decay_rule in WEIGHT_DECAY_RULES, 'weight_decay_rule',
           config.weight_decay_rule, f'use one of {WEIGHT_DECAY_RULES}')
-  for field in ('learning_rate', 'warmup_lr', 'min_lr', 'weight_decay', 'grad_clip_norm'):
-    require(config[field] >= 0, field, config[field], 'must be >= 0')
-  require(config.learning_rate > 0, 'learning_rate', config.learning_rate, 'must be > 0')
+  number('learning_rate', config.learning_rate, '> 0', lambda v: v > 0)
+  for field in ('weight_decay', 'grad_clip_norm'):
+    number(field, config[field], '>= 0', lambda v: v >= 0)
+  for field in ('warmup_lr', 'min_lr'):  # Start and floor of the schedule, below its peak.
+    number(field, config[field], f'in [0, learning_rate={config.learning_rate:g}]',
+           lambda v: 0 <= v <= config.learning_rate)
   require(config.schedule in SCHEDULES, 'schedule', config.schedule, f'use one of {SCHEDULES}')
-  require(0 <= config.warmup_epochs < config.epochs, 'warmup_epochs', config.warmup_epochs,
-          f'must lie in [0, epochs={config.epochs})')
+  number('warmup_epochs', config.warmup_epochs, f'in [0, epochs={config.epochs})',
+         lambda v: 0 <= v < config.epochs)
   adapter_config(config)
   for name in config.get('baselines', ()):
     require(name in BASELINES, 'baselines', tuple(config.baselines),

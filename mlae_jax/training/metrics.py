@@ -13,6 +13,8 @@ from typing import Any, Iterable
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from mlae_jax.training.workdir import METRICS_FILE
+
 
 class MetricsLog:
   """Appends one JSON object per line to `metrics.jsonl` and mirrors the scalars to
@@ -20,7 +22,7 @@ class MetricsLog:
   has no records from epochs it repeats."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = os.path.join(workdir, METRICS_FILE)
     directory = os.path.join(workdir, 'tensorboard')
     os.makedirs(directory, exist_ok=True)
     name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}'
@@ -50,5 +52,5 @@ class MetricsLog:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
     return [json.loads(line) for line in f if line.strip()]

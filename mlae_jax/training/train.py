@@ -3,13 +3,14 @@ imagenet example: pure step functions, and `train_and_evaluate(config, workdir)`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +27,18 @@ from mlae_jax.checkpoints.pretrained import init_params, load_pretrained
 from mlae_jax.data.augment import train_augmentation
 from mlae_jax.data.task_data import TaskData
 from mlae_jax.export import export_adapters, export_merged
+from mlae_jax.files import read_json, write_json
 from mlae_jax.model.vit import VisionTransformer, create_model
 from mlae_jax.partition import combine, count_params, split_trainable
 from mlae_jax.training import config_checks, parallel
+from mlae_jax.training import workdir as run_files
 from mlae_jax.training.checkpointing import RunCheckpoints
+from mlae_jax.training.errors import OutputWriteError, TrainingDiverged
 from mlae_jax.training.metrics import MetricsLog
 from mlae_jax.training.optimizer import optimizer_from_config
 from mlae_jax.training.schedules import is_evaluation_epoch
 from mlae_jax.training.steps import (StepConfig, TrainState, epoch_order, jit_eval_step,
                                     jit_train_step, stack_configs, unstack_configs)
-
-RESULTS_FILE = 'results.json'
 
 
 def compute_dtype(name: str) -> Any:
@@ -71,35 +73,37 @@ def create_train_state(trainable: Any, tx: optax.GradientTransformation) -> Trai
   return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changes: Sequence[str] = ()) -> dict[str, Any]:
   """Trains on `config.data`, evaluating, checkpointing and exporting into `workdir`;
-  resumes from the latest checkpoint there. Returns the results record."""
-  return train_and_evaluate_at_once([config], [workdir])[0]
+  resumes from the newest intact checkpoint there. A workdir holding a run of another
+  config is refused (fields in `allow_changes`, e.g. 'epochs', may change on resume,
+  and are recorded). Returns the results record."""
+  return train_and_evaluate_at_once([config], [workdir], allow_changes)[0]
 
 
 def train_and_evaluate_at_once(configs: Sequence[ml_collections.ConfigDict],
-                               workdirs: Sequence[str]) -> list[dict[str, Any]]:
+                               workdirs: Sequence[str],
+                               allow_changes: Sequence[str] = ()) -> list[dict[str, Any]]:
   """`train_and_evaluate` of K configurations (of one task, differing only in
   PER_CONFIG_FIELDS) in one vmapped step, sharing the task's data; see
   `train_configs_on_task`."""
   from mlae_jax.data.build import build_task_data
 
-  for config in configs:
-    config_checks.validate(config)
-  check_trainable_at_once(configs)
-  return train_configs_on_task(configs, workdirs, build_task_data(configs[0].data))
+  return _train_in_workdirs(configs, workdirs, lambda: build_task_data(configs[0].data),
+                            allow_changes)
 
 
-def train_with_baselines(config: ml_collections.ConfigDict,
-                         workdir: str) -> dict[str, dict[str, Any]]:
+def train_with_baselines(config: ml_collections.ConfigDict, workdir: str,
+                         allow_changes: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
   """`train_and_evaluate`, then each of `config.baselines` on the same task in
   `<workdir>/baselines/<name>`; returns the results by name, the configured method first."""
   config_checks.validate(config)
   method = config.mlae.method if config.mlae.method != 'none' else 'linear_probe'
-  results = {method: train_and_evaluate(config, workdir)}
+  results = {method: train_and_evaluate(config, workdir, allow_changes)}
   for name in config.baselines:
     results[name] = train_and_evaluate(config_checks.baseline_config(config, name),
-                                       os.path.join(workdir, 'baselines', name))
+                                       os.path.join(workdir, 'baselines', name), allow_changes)
   return results
 
 
@@ -137,7 +141,8 @@ def check_trainable_at_once(configs: Sequence[ml_collections.ConfigDict]) -> Non
 
 
 def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
-                          workdirs: Sequence[str], data: TaskData) -> list[dict[str, Any]]:
+                          workdirs: Sequence[str], data: TaskData,
+                          allow_changes: Sequence[str] = ()) -> list[dict[str, Any]]:
   """Trains K configurations of one task at once, each into its own workdir.
 
   The K configurations may differ only in their MLAE drop rates and coefficient
@@ -148,24 +153,57 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
   leave it (checkpoints, metrics, results, exports), and training is the same as
   that run's up to floating-point reassociation. K = 1 is plain training.
   """
+  return _train_in_workdirs(configs, workdirs, lambda: data, allow_changes)
+
+
+def _train_in_workdirs(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+                       get_data: Callable[[], TaskData],
+                       allow_changes: Sequence[str]) -> list[dict[str, Any]]:
+  """Checks the configs and claims the workdirs (lock, config check, config.json)
+  before anything is built; finished runs return their results unchanged."""
   if len(configs) != len(workdirs) or not configs:
     raise ValueError(f'Need one workdir per config; got {len(configs)} configs and '
                      f'{len(workdirs)} workdirs.')
   for config in configs:
+    if not isinstance(config, ml_collections.ConfigDict):
+      raise TypeError(f'A run config must be an ml_collections.ConfigDict (e.g. from '
+                      f'mlae_jax.training.defaults.base_config()), got {type(config).__name__}.')
     config_checks.validate(config)
   check_trainable_at_once(configs)
-  config, count = configs[0], len(configs)
+  for path in workdirs:
+    if not isinstance(path, (str, os.PathLike)):
+      raise TypeError(f'A workdir must be a path, got {path!r}.')
+  workdirs = [os.fspath(path) for path in workdirs]
   parallel.maybe_initialize_distributed()
+  with contextlib.ExitStack() as claims:
+    changes = []
+    for config, path in zip(configs, workdirs):
+      run_files.prepare(path)
+      if jax.process_index() == 0:
+        claims.enter_context(run_files.locked(path))
+      changes.append(run_files.check_config(path, config, allow_changes))
+    if not any(changes) and all(run_files.results_complete(path) for path in workdirs):
+      _report('Already finished: ' + ', '.join(workdirs) + '.')
+      return [read_json(os.path.join(path, run_files.RESULTS_FILE)) for path in workdirs]
+    for config, path, change in zip(configs, workdirs, changes):
+      run_files.record_config(path, config, change)
+    data = get_data()
+    if data.num_classes < 2:
+      raise ValueError(f'Task {data.name!r} has {data.num_classes} class(es); a classifier '
+                       'needs at least 2.')
+    return _train(configs, workdirs, data)
+
+
+def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
+           data: TaskData) -> list[dict[str, Any]]:
+  """The training loop of `train_configs_on_task`, in claimed workdirs."""
+  config, count = configs[0], len(configs)
   mesh = parallel.make_mesh()
   devices = mesh.devices.size
   for field in ('batch_size', 'eval_batch_size'):
     if config[field] % devices:
       raise ValueError(f'Bad config value config.{field} = {config[field]}: must be a multiple '
                        f'of the {devices} devices the batch is split over.')
-  for run_config, workdir in zip(configs, workdirs):
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(run_config.to_json_best_effort(indent=2))
 
   num_train = len(data.train_labels)
   steps_per_epoch = -(-num_train // config.batch_size)
@@ -180,17 +218,21 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
   tx, schedule = optimizer_from_config(config, trainable, steps_per_epoch)
   states = [create_train_state(t, tx) for t in trainables]
 
-  checkpoints = [RunCheckpoints(os.path.join(w, 'checkpoints'), config.keep_checkpoints)
+  checkpoints = [RunCheckpoints(os.path.join(w, run_files.CHECKPOINT_DIR), config.keep_checkpoints)
                  for w in workdirs]
   histories: list[dict[str, list]] = [{'train': [], 'eval': []} for _ in configs]
-  latest = [c.latest_epoch() or 0 for c in checkpoints]
+  restored = [c.restore_latest(s) for c, s in zip(checkpoints, states)]
+  latest = [r[0] if r else 0 for r in restored]
   if len(set(latest)) > 1:
     raise ValueError(f'The workdirs were checkpointed after different epochs ({latest}); '
                      'resume them one at a time (or delete their checkpoints to restart).')
   start_epoch = latest[0]
+  if start_epoch > config.epochs:
+    raise ValueError(f'{checkpoints[0].directory} holds a checkpoint after epoch {start_epoch}, '
+                     f'beyond config.epochs = {config.epochs}; a run cannot be shortened. Use '
+                     'a new workdir.')
   if start_epoch:
-    restored = [c.restore(start_epoch, s) for c, s in zip(checkpoints, states)]
-    states, histories = [r[0] for r in restored], [r[1] for r in restored]
+    states, histories = [r[1] for r in restored], [r[2] for r in restored]
     _report(f'Resuming from the checkpoint after epoch {start_epoch}.')
   logs = [MetricsLog(w) for w in workdirs]
   for log, history in zip(logs, histories):
@@ -211,21 +253,37 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
   eval_fn = jit_eval_step(cfg, replicated, count)
   order_fn = jax.jit(functools.partial(epoch_order, num_examples=num_train,
                                        batch_size=config.batch_size), out_shardings=replicated)
+  finite_fn = jax.jit(functools.partial(_finite_configs, count=count))
   step_args = () if count == 1 else (drop_rates,)
 
-  def evaluate() -> list[dict[str, float]]:
+  def evaluate(epoch: int, step: int) -> None:
+    """Evaluates after `epoch` (completed epochs) and records it in every workdir."""
     totals = None
     for batch in data.eval_batches(config.eval_batch_size):
       sums = eval_fn(state.trainable, frozen, parallel.global_batch(batch.images, mesh),
                      parallel.global_batch(batch.labels, mesh),
                      parallel.global_batch(batch.mask, mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = unstack_configs(jax.device_get(totals), count)
-    for t in totals:
+    for k, t in enumerate(unstack_configs(jax.device_get(totals), count)):
       if int(t['count']) != data.num_eval:
         raise RuntimeError(f'Evaluated {int(t["count"])} examples, expected {data.num_eval}.')
-    return [{'accuracy': float(t['correct'] / t['count']),
-             'loss': float(t['loss_sum'] / t['count'])} for t in totals]
+      result = {'kind': 'eval', 'epoch': epoch, 'step': step,
+                'accuracy': float(t['correct'] / t['count']),
+                'loss': float(t['loss_sum'] / t['count'])}
+      histories[k]['eval'].append(result)
+      logs[k].write(result)
+      _report(f'epoch {epoch}: eval accuracy {result["accuracy"]:.4f}'
+              + (f' ({workdirs[k]})' if count > 1 else ''))
+
+  def due(epoch: int) -> bool:
+    return is_evaluation_epoch(epoch - 1, epochs=config.epochs, every=config.eval_every_epochs,
+                               last=config.eval_last_epochs)
+
+  if start_epoch and due(start_epoch) and not any(
+      r['epoch'] == start_epoch for r in histories[0]['eval']):
+    # Checkpoints are written before their epoch's evaluation: redo one that was cut off.
+    _report(f'Evaluating after epoch {start_epoch}, which was checkpointed but not evaluated.')
+    evaluate(start_epoch, int(jnp.ravel(state.step)[0]))
 
   bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
              unit='step', disable=not config.progress_bar, desc=data.name)
@@ -233,20 +291,22 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
   for epoch in range(start_epoch, config.epochs):
     epoch_start = time.time()
     order = order_fn(jax.random.fold_in(order_key, epoch))
-    sums = []
+    per_step = []
     for index in range(steps_per_epoch):
       state, metrics = step_fn(state, frozen, images, labels, order, np.int32(index), train_key,
                                *step_args)
-      sums.append(metrics)
+      per_step.append(metrics)
       bar.update()
-    sums = jax.device_get(jax.tree.map(lambda *m: jnp.sum(jnp.stack(m), 0), *sums))
+    # Fetched once per epoch: (steps,) or (steps, K) arrays, and whether each
+    # configuration's trained parameters are all finite.
+    per_step, finite = jax.device_get((jax.tree.map(lambda *m: jnp.stack(m), *per_step),
+                                       finite_fn(state.trainable)))
     seconds = time.time() - epoch_start
     step = int(jnp.ravel(state.step)[0])
-    last = epoch + 1 == config.epochs
-    evaluations = (evaluate() if is_evaluation_epoch(
-        epoch, epochs=config.epochs, every=config.eval_every_epochs, last=config.eval_last_epochs)
-                   else [None] * count)
-    for k, (run_sums, result) in enumerate(zip(unstack_configs(sums, count), evaluations)):
+    _check_finite(per_step['loss_sum'], finite, epoch, steps_per_epoch, workdirs, checkpoints,
+                  config)
+    sums = jax.tree.map(lambda m: m.sum(0), per_step)
+    for k, run_sums in enumerate(unstack_configs(sums, count)):
       record = {'kind': 'train', 'epoch': epoch + 1, 'step': step,
                 'loss': float(run_sums['loss_sum'] / run_sums['count']),
                 'accuracy': float(run_sums['correct'] / run_sums['count']),
@@ -254,16 +314,13 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
                 'images_per_sec': num_train / seconds, 'seconds': seconds}
       histories[k]['train'].append(record)
       logs[k].write(record)
-      if result is not None:
-        result = {'kind': 'eval', 'epoch': epoch + 1, 'step': step, **result}
-        histories[k]['eval'].append(result)
-        logs[k].write(result)
-        _report(f'epoch {epoch + 1}: eval accuracy {result["accuracy"]:.4f}'
-                + (f' ({workdirs[k]})' if count > 1 else ''))
     bar.set_postfix(loss=f'{record["loss"]:.3f}', img_s=f'{count * num_train / seconds:.1f}')
-    if (epoch + 1) % config.checkpoint_every_epochs == 0 or last:
+    # The checkpoint comes first: an evaluation that fails loses no training.
+    if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.epochs:
       for k, run_state in enumerate(unstack_configs(state, count)):
         checkpoints[k].save(epoch + 1, run_state, histories[k])
+    if due(epoch + 1):
+      evaluate(epoch + 1, step)
   bar.close()
   for closing in checkpoints + logs:
     closing.close()
@@ -275,11 +332,56 @@ def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
     record = _results(configs[k], data, final_params, tuned, histories[k],
                       time.time() - started)
     record['configs_at_once'] = count
+    record['config_changes'] = run_files.recorded_changes(workdirs[k])
     _export(configs[k], workdirs[k], models[k], final_params, data, image_size)
-    with open(os.path.join(workdirs[k], RESULTS_FILE), 'w') as f:
-      json.dump(record, f, indent=2)
+    _write_output(os.path.join(workdirs[k], run_files.RESULTS_FILE),
+                  lambda path: write_json(path, record))
     results.append(record)
   return results
+
+
+def _finite_configs(trainable: Any, count: int) -> jax.Array:
+  """(K,) bools: whether every trained parameter of each configuration is finite."""
+  leaves = jax.tree.leaves(trainable)
+  if count == 1:
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]).all()[None]
+  return jnp.stack([jnp.isfinite(leaf).reshape(count, -1).all(1) for leaf in leaves]).all(0)
+
+
+def _check_finite(losses: np.ndarray, finite: np.ndarray, epoch: int, steps_per_epoch: int,
+                  workdirs: Sequence[str], checkpoints: Sequence[RunCheckpoints],
+                  config: ml_collections.ConfigDict) -> None:
+  """Raises TrainingDiverged, naming the epoch, the first bad step and the last good
+  checkpoint, if a loss of this epoch or a trained parameter is not finite."""
+  losses = losses.reshape(steps_per_epoch, -1)
+  for k, path in enumerate(workdirs):
+    bad_steps = np.flatnonzero(~np.isfinite(losses[:, k]))
+    if not len(bad_steps) and finite[k]:
+      continue
+    if len(bad_steps):
+      index = int(bad_steps[0])
+      what = f'the loss became {float(losses[index, k])}'
+    else:
+      index = steps_per_epoch - 1
+      what = 'a trained parameter became NaN or infinite'
+    good = checkpoints[k].latest_epoch()
+    where = (f'the last good checkpoint is {checkpoints[k].directory}/{good} (after epoch {good})'
+             if good else 'no checkpoint was written before it')
+    raise TrainingDiverged(
+        f'Training in {path} diverged: {what} at epoch {epoch + 1}, step '
+        f'{epoch * steps_per_epoch + index + 1}. Nothing of the diverged state was saved or '
+        f'exported; {where}. Lower config.learning_rate (now {config.learning_rate:g}) or set '
+        'config.grad_clip_norm, in a new workdir.')
+
+
+def _write_output(path: str, write: Callable[[str], None]) -> None:
+  """Writes one output file; a failure is an OutputWriteError naming it."""
+  try:
+    write(path)
+  except OSError as error:
+    raise OutputWriteError(
+        f'Cannot write {path} ({error.strerror or error}). Free disk space or fix the folder, '
+        'then re-run the same command: training is checkpointed and is not repeated.') from error
 
 
 def _with_coefficients(trainable: dict, coeff_init: float) -> dict:
@@ -326,10 +428,11 @@ def _results(config, data: TaskData, params: Any, tuned: frozenset[str],
 
 def _export(config, workdir: str, model: VisionTransformer, params: Any, data: TaskData,
             image_size: int) -> None:
-  directory = os.path.join(workdir, 'export')
+  directory = os.path.join(workdir, run_files.EXPORT_DIR)
   extra = {'task': data.name, 'image_size': image_size, 'mean': list(data.mean),
            'std': list(data.std), 'pretrained': config.pretrained}
   if model.adapter is not None:
-    export_adapters(directory, model, params, extra)
+    _write_output(directory, lambda path: export_adapters(path, model, params, extra))
   if config.export_merged:
-    export_merged(os.path.join(directory, 'merged.npz'), model, params)
+    _write_output(os.path.join(directory, 'merged.npz'),
+                  lambda path: export_merged(path, model, params))
