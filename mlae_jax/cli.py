@@ -58,6 +58,16 @@ def explain(error: Exception, argv: Sequence[str], base: Any = None,
   return f'Bad flags: {type(error).__name__}: {first[0] if first else ""}'
 
 
+def one_line(message: str) -> str:
+  """`message` folded onto one line (messages from other libraries may span several)."""
+  return ' '.join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def exit_with(error: BaseException | str) -> None:
+  """Ends the command with status 1 and one line saying what is wrong."""
+  sys.exit(f'mlae_jax: {one_line(error)}')
+
+
 def config_value(read: Callable[[], Any], base: Any = None,
                  names: Sequence[str] = ('config',)) -> Any:
   """`read()` (a config flag's value, which ml_collections builds lazily), or the end
@@ -65,7 +75,7 @@ def config_value(read: Callable[[], Any], base: Any = None,
   try:
     return read()
   except Exception as error:  # pylint: disable=broad-except  # Config files run code.
-    sys.exit(f'mlae_jax: {explain(error, sys.argv, base, names)}')
+    exit_with(explain(error, sys.argv, base, names))
 
 
 def flags_parser(base: Any = None,
@@ -79,7 +89,7 @@ def flags_parser(base: Any = None,
       message = str(error).strip()
       if '\n' in message:  # A config file that raised: its traceback, folded into the text.
         message = explain(error, argv, base, names)
-      sys.exit(f'mlae_jax: {message}')
+      exit_with(message)
     except Exception as error:  # pylint: disable=broad-except  # Config files run code.
-      sys.exit(f'mlae_jax: {explain(error, argv, base, names)}')
+      exit_with(explain(error, argv, base, names))
   return parse

@@ -8,8 +8,6 @@ A problem (bad config, missing file, full disk, diverged training, a workdir hol
 another run or in use) ends the command with one line saying what to do.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -36,8 +34,7 @@ def main(argv):
   try:
     runs = train_with_baselines(config, _WORKDIR.value, _ALLOW_CHANGES.value)
   except (ValueError, OSError, RunError, CheckpointDownloadError) as error:
-    # Bad input or a fault (disk, data, divergence): the message says what to do.
-    sys.exit(f'mlae_jax: {error}')
+    cli.exit_with(error)  # Bad input or a fault (disk, data, divergence): what to do.
   first = next(iter(runs.values()))
   print(f'{first["task"]}: {config.data.eval_split} accuracy on {first["num_eval"]} '
         f'images; results in {_WORKDIR.value}')

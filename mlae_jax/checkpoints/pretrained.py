@@ -88,5 +88,5 @@ def _check_fits(loaded: dict[str, np.ndarray], expected: dict[str, tuple], path:
     if keys:
       shown = [describe(k) for k in keys[:8]]
       more = f' ... and {len(keys) - 8} more' if len(keys) > 8 else ''
-      lines.append(f'{len(keys)} keys {title}: ' + '; '.join(shown) + more)
-  raise CheckpointError('\n'.join(lines))
+      lines.append(f'{len(keys)} keys {title}: ' + '; '.join(shown) + more + '.')
+  raise CheckpointError(' '.join(lines))

@@ -32,11 +32,11 @@ def check_exist(paths: Sequence[str], listed_in: str) -> None:
   a broken list fails when loaded rather than in the middle of an evaluation."""
   missing = [path for path in paths if not os.path.isfile(path)]
   if missing:
-    shown = '\n  '.join(missing[:5])
-    more = f'\n  ... and {len(missing) - 5} more' if len(missing) > 5 else ''
+    shown = ', '.join(missing[:5])
+    more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
     raise FileNotFoundError(
-        f'{len(missing)} of the {len(paths)} images listed in {listed_in} are missing:\n  '
-        f'{shown}{more}')
+        f'{len(missing)} of the {len(paths)} images listed in {listed_in} are missing: '
+        f'{shown}{more}.')
 
 
 def check_decodable(paths: Sequence[str], listed_in: str, workers: int | None = None) -> None:
@@ -45,7 +45,7 @@ def check_decodable(paths: Sequence[str], listed_in: str, workers: int | None = 
   at its first evaluation."""
   images = parallel.ordered_map(read_rgb, paths, workers)
   for _ in tqdm(images, total=len(paths), unit='image', desc=f'checking {listed_in}',
-                leave=False):
+                leave=False, disable=None):  # disable=None: a bar on terminals, not in logs.
     pass
 
 

@@ -55,7 +55,8 @@ def map_into_array(fn: Callable[[In], np.ndarray], items: Iterable[In], count: i
   filled = 0
   values = ordered_map(fn, items, workers)
   if desc:
-    values = tqdm(values, total=count, unit='image', desc=desc, leave=False)
+    values = tqdm(values, total=count, unit='image', desc=desc, leave=False,
+                  disable=None)  # A bar on terminals, not in logs.
   for index, value in enumerate(values):
     if index >= count:
       raise ValueError(f'More than the expected {count} items.')

@@ -83,8 +83,8 @@ def open_builder(task: VtabTask, data_dir: str | None) -> Any:
     return builder
   root = data_dir or tfds.core.constants.DATA_DIR
   raise FileNotFoundError(
-      f'VTAB task {task.name!r}: TFDS cannot open {task.tfds_name} in the TFDS data dir {root}.\n'
-      + '\n'.join(failures) + '\n' + prepare_hint(task, str(root)) + _FOLDER_HINT)
+      f'VTAB task {task.name!r}: TFDS cannot open {task.tfds_name} in the TFDS data dir {root} '
+      f'({"; ".join(failures)}). ' + prepare_hint(task, str(root)) + _FOLDER_HINT)
 
 
 def prepare(builder: Any, task: VtabTask) -> None:
@@ -93,7 +93,7 @@ def prepare(builder: Any, task: VtabTask) -> None:
     builder.download_and_prepare()
   except AssertionError as error:  # TFDS's error for a missing or empty manual dir.
     raise FileNotFoundError(f'VTAB task {task.name!r}: preparing {task.tfds_name} failed: '
-                            f'{error}\n{prepare_hint(task, str(builder.data_dir_root))}') from error
+                            f'{error}. {prepare_hint(task, str(builder.data_dir_root))}') from error
 
 
 def split_dataset(builder: Any, task: VtabTask, split: str) -> Any:
@@ -109,7 +109,7 @@ def split_dataset(builder: Any, task: VtabTask, split: str) -> Any:
     raise FileNotFoundError(
         f'VTAB task {task.name!r}: no prepared TFDS data for {builder.info.full_name} split '
         f'{split!r} '
-        f'in the TFDS data dir {builder.data_dir_root} (looked in {builder.data_dir}).\n'
+        f'in the TFDS data dir {builder.data_dir_root} (looked in {builder.data_dir}). '
         + prepare_hint(task, str(builder.data_dir_root)) + _FOLDER_HINT) from error
 
 

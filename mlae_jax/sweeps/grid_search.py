@@ -24,6 +24,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from mlae_jax.files import read_json, write_json
+from mlae_jax import cli
 from mlae_jax.sweeps import layout, runner
 from mlae_jax.sweeps.runner import Run, TrainFn
 from mlae_jax.training.errors import RunError
@@ -312,7 +313,7 @@ def main(argv: Sequence[str]) -> None:
         failed |= bool(summary.failed)
       failed |= not record['complete'] and not values.dry_run and 'search' in stages
   except (ValueError, OSError, RunError) as error:
-    sys.exit(f'mlae_jax: {error}')  # Bad input or a fault: the message says what to do.
+    cli.exit_with(error)  # Bad input or a fault: the message says what to do.
   if failed:
     sys.exit(1)
 
@@ -321,7 +322,6 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
 
-  from mlae_jax import cli
   from mlae_jax.training.defaults import base_config
 
   flags.DEFINE_string('benchmark', 'vtab', 'vtab or fgvc (configs/<benchmark>.py).')

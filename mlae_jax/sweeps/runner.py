@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
+from mlae_jax import cli
 from mlae_jax.sweeps import layout
 from mlae_jax.training import workdir as run_files
 from mlae_jax.training.errors import RunError
@@ -330,7 +331,7 @@ def main(argv: Sequence[str]) -> None:
     runs = shard(plan(values.benchmark, values.tasks, values.seeds, values.root, overrides,
                       values.configs_dir or None, values.allow_changes), values.shard)
   except ValueError as error:
-    sys.exit(f'mlae_jax: {error}')
+    cli.exit_with(error)
   if values.dry_run:
     for run in runs:
       print(f'{run}: {describe(run)}  {run.workdir}')
@@ -340,7 +341,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     summary = execute(runs, keep_going=values.keep_going)
   except (ValueError, OSError, RunError) as error:
-    sys.exit(f'mlae_jax: {error}')  # Bad input or a fault: the message says what to do.
+    cli.exit_with(error)  # Bad input or a fault: the message says what to do.
   print(summary)
   if summary.failed:
     sys.exit(1)
@@ -350,7 +351,6 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
 
-  from mlae_jax import cli
   from mlae_jax.training.defaults import base_config
 
   flags.DEFINE_string('benchmark', 'vtab', 'The config file configs/<benchmark>.py to sweep.')

@@ -282,7 +282,8 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
   if start_epoch and due(start_epoch) and not any(
       r['epoch'] == start_epoch for r in histories[0]['eval']):
     # Checkpoints are written before their epoch's evaluation: redo one that was cut off.
-    _report(f'Evaluating after epoch {start_epoch}, which was checkpointed but not evaluated.')
+    _report(f'Evaluating after epoch {start_epoch} (its checkpoint was written before its '
+            'evaluation).')
     evaluate(start_epoch, int(jnp.ravel(state.step)[0]))
 
   bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
