@@ -62,7 +62,7 @@ def test_scaling_rounds_as_timm_in_the_branch_dtype(dtype):
   theirs_module = InjectedDropPath(rate)
   theirs_module.keep = torch.from_numpy(keep.copy())
   torch_dtype = getattr(torch, dtype)
-  theirs = theirs_module(torch.from_numpy(np.asarray(branch, np.float32)).to(torch_dtype))
+  theirs = theirs_module(torch.from_numpy(np.array(branch, np.float32)).to(torch_dtype))
   np.testing.assert_array_equal(np.asarray(ours, np.float32), theirs.float().numpy())
 
 
