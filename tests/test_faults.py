@@ -116,9 +116,9 @@ def test_checkpoint_files_with_nan_are_refused_by_key(tmp_path):
   arrays['embedding/bias'][3] = np.inf
   np.savez(tmp_path / 'bad.npz', **arrays)
   model = tiny_model()
-  with pytest.raises(CheckpointError, match=r'bad.npz holds NaN or infinite values in 2 arrays: '
-                                            r'Transformer/encoderblock_1/MlpBlock_0/Dense_0/kernel, '
-                                            r'embedding/bias'):
+  with pytest.raises(CheckpointError, match=r'bad.npz holds NaN or infinite values in 2 '
+                                            r'arrays: Transformer/encoderblock_1/MlpBlock_0/'
+                                            r'Dense_0/kernel, embedding/bias'):
     load_pretrained(tmp_path / 'bad.npz', model, rng=jax.random.key(0), image_size=32)
 
 
@@ -161,8 +161,13 @@ def test_more_epochs_on_resume_only_when_allowed_and_then_recorded(tmp_path):
   with pytest.raises(WorkdirConflict, match=r'epochs: 2 there, 3 now.*--allow_changes=epochs'):
     train_and_evaluate(tiny_config(epochs=3), str(tmp_path))
   assert layout.status(str(tmp_path)) == layout.FINISHED
+  with pytest.raises(WorkdirConflict, match='cannot be shortened to 1'):
+    train_and_evaluate(tiny_config(epochs=1), str(tmp_path), allow_changes=('epochs',))
+  assert layout.status(str(tmp_path)) == layout.FINISHED  # Refused before anything changed.
   longer = train_and_evaluate(tiny_config(epochs=3), str(tmp_path), allow_changes=('epochs',))
   assert [r['epoch'] for r in read_metrics(str(tmp_path)) if r['kind'] == 'train'] == [1, 2, 3]
+  # The evaluation after epoch 2 (due under the old schedule) is kept, not redone or lost.
+  assert longer['evaluated_epochs'] == [1, 2, 3] and first['evaluated_epochs'] == [1, 2]
   assert longer['epochs'] == 3 and first['epochs'] == 2
   [change] = longer['config_changes']
   assert change['changes'] == {'epochs': {'from': 2, 'to': 3}}
@@ -175,6 +180,48 @@ def test_more_epochs_on_resume_only_when_allowed_and_then_recorded(tmp_path):
   with pytest.raises(WorkdirConflict, match='learning_rate: 0.003 there, 0.001 now'):
     train_and_evaluate(tiny_config(epochs=3, learning_rate=1e-3), str(tmp_path),
                        allow_changes=('epochs',))
+
+
+def test_a_workdir_with_a_run_but_no_config_is_refused(tmp_path):
+  train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
+  os.remove(tmp_path / 'config.json')
+  with pytest.raises(WorkdirConflict, match=r'holds checkpoints and results.json but no '
+                                            r'config.json'):
+    train_and_evaluate(tiny_config(epochs=1), str(tmp_path))
+  with pytest.raises(WorkdirConflict, match=r'config.epoch cannot change .*did you mean epochs'):
+    train_and_evaluate(tiny_config(epochs=1), str(tmp_path / 'fresh'), allow_changes=('epoch',))
+
+
+def test_a_diverging_point_of_a_group_trains_apart_from_the_others(tmp_path):
+  from mlae_jax.sweeps import runner
+  runs = [runner.Run('vtab', 'svhn', 0, str(tmp_path / name), tiny_config(
+      epochs=2, **{'mlae.coeff_init': coeff})) for name, coeff in (('sane', 1.0), ('wild', 3e38))]
+  summary = runner.execute_at_once(runs, configs_at_once=2, keep_going=True)
+  outcomes = {run.workdir: outcome for run, outcome, _ in summary.outcomes}
+  assert outcomes[str(tmp_path / 'wild')] == runner.FAILED
+  assert outcomes[str(tmp_path / 'sane')] in (runner.TRAINED, runner.RESUMED)  # Not FAILED.
+  assert 'diverged' in summary.failed[0][1]
+  assert layout.status(str(tmp_path / 'sane')) == layout.FINISHED
+  assert not (tmp_path / 'wild' / 'results.json').exists()
+
+
+def test_a_checkpoint_holding_nan_is_set_aside(tmp_path, capsys):
+  import jax.numpy as jnp
+  import optax
+  from mlae_jax.training.checkpointing import RunCheckpoints
+  from mlae_jax.training.steps import TrainState
+  tx = optax.adam(1e-3)
+  checkpoints = RunCheckpoints(str(tmp_path))
+  for epoch, value in ((1, 1.0), (2, np.nan)):
+    trainable = {'head': {'kernel': jnp.full((2, 3), value)}}
+    checkpoints.save(epoch, TrainState(jnp.int32(epoch), trainable, tx.init(trainable)),
+                     {'train': [], 'eval': []})
+  zeros = {'head': {'kernel': jnp.zeros((2, 3))}}
+  epoch, state, _ = checkpoints.restore_latest(TrainState(jnp.int32(0), zeros, tx.init(zeros)))
+  assert epoch == 1 and float(state.trainable['head']['kernel'][0, 0]) == 1.0
+  assert "NaN or infinite values in ['head']['kernel']" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == ['1', '2.damaged']
+  checkpoints.close()
 
 
 def test_a_second_process_is_refused_while_the_first_trains(tmp_path):
@@ -269,8 +316,9 @@ def test_a_write_error_at_export_time_is_named_and_the_rerun_finishes(tmp_path, 
 
   with monkeypatch.context() as patched:
     patched.setattr(train_module, 'export_merged', no_space)
-    with pytest.raises(OutputWriteError, match=r'Cannot write .*export/merged.npz \(No space '
-                                               r'left on device\).*training is checkpointed'):
+    with pytest.raises(OutputWriteError, match=r'Cannot write .*export.partial/merged.npz '
+                                               r'\(No space left on device\).*training is '
+                                               r'checkpointed'):
       train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
   assert not (tmp_path / 'results.json').exists()
   started = time.time()
@@ -388,7 +436,8 @@ def test_the_cli_names_missing_config_files_and_the_nearest_field(tmp_path):
   assert 'did you mean config.mlae.rank?' in one_line_error(cli(tmp_path, '--config.mlea.rank=2'))
   assert "flag --config.learning_rate=fast: could not convert string to float: 'fast'" in (
       one_line_error(cli(tmp_path, '--config.learning_rate=fast')))
-  assert "Unknown VTAB-1k task 'svhm'" in one_line_error(cli(tmp_path, config='configs/vtab.py:svhm'))
+  assert "Unknown VTAB-1k task 'svhm'" in one_line_error(
+      cli(tmp_path, config='configs/vtab.py:svhm'))
   assert not os.listdir(tmp_path)
 
 

@@ -112,17 +112,17 @@ class AdapterConfig:
       fail(f'pattern_seed must be an integer, got {self.pattern_seed!r}.')
     for name in ('coeff_init', 'input_dropout'):
       value = getattr(self, name)
-      if not _is_number(value) or not math.isfinite(value):
+      if not is_number(value) or not math.isfinite(value):
         fail(f'{name} must be a finite number, got {value!r}.')
     if self.lora_alpha is not None and not (
-        _is_number(self.lora_alpha) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+        is_number(self.lora_alpha) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
       fail(f'lora_alpha must be a finite number > 0 (or None for the rank), got '
            f'{self.lora_alpha!r}.')
     for rank in _as_tuple(self.rank):
       if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         fail(f'rank must be an integer >= 1 (or one per layer), got {self.rank!r}.')
     for p in _as_tuple(self.drop_rate):
-      if not _is_number(p) or not 0.0 <= p < 1.0:
+      if not is_number(p) or not 0.0 <= p < 1.0:
         fail(f'drop_rate must lie in [0, 1) (or one per layer), got {self.drop_rate!r}.')
     if not 0.0 <= self.input_dropout < 1.0:
       fail(f'input_dropout must lie in [0, 1), got {self.input_dropout!r}.')
@@ -181,7 +181,8 @@ class AdapterConfig:
     return _per_layer('drop_rate', self.drop_rate, num_layers)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+  """An int or float, not a bool (which Python counts as an int)."""
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

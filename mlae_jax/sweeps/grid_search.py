@@ -27,6 +27,7 @@ from mlae_jax.files import read_json, write_json
 from mlae_jax import cli
 from mlae_jax.sweeps import layout, runner
 from mlae_jax.sweeps.runner import Run, TrainFn
+from mlae_jax.checkpoints.download import CheckpointDownloadError
 from mlae_jax.training.errors import RunError
 from mlae_jax.training.workdir import RESULTS_FILE
 
@@ -312,7 +313,7 @@ def main(argv: Sequence[str]) -> None:
         print(summary)
         failed |= bool(summary.failed)
       failed |= not record['complete'] and not values.dry_run and 'search' in stages
-  except (ValueError, OSError, RunError) as error:
+  except (ValueError, OSError, RunError, CheckpointDownloadError) as error:
     cli.exit_with(error)  # Bad input or a fault: the message says what to do.
   if failed:
     sys.exit(1)

@@ -30,7 +30,8 @@ import ml_collections
 from mlae_jax import cli
 from mlae_jax.sweeps import layout
 from mlae_jax.training import workdir as run_files
-from mlae_jax.training.errors import RunError
+from mlae_jax.checkpoints.download import CheckpointDownloadError
+from mlae_jax.training.errors import RunError, TrainingDiverged
 from mlae_jax.training.workdir import WorkdirConflict
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], Any]
@@ -235,8 +236,8 @@ def execute_at_once(runs: Sequence[Run], configs_at_once: int,
   """As `execute`, but the unfinished runs train `configs_at_once` at a time in one
   compiled step (`train_and_evaluate_at_once`): runs of the same task and seed, which
   may differ only in their MLAE drop rate and coefficient (a grid search's points).
-  A group whose runs cannot resume together (checkpointed after different epochs)
-  trains one run at a time instead."""
+  A group that cannot go on together (runs checkpointed after different epochs, or one
+  run that diverges) trains one run at a time instead, each with its own outcome."""
   from mlae_jax.training.train import train_and_evaluate, train_and_evaluate_at_once
 
   summary = SweepSummary()
@@ -248,21 +249,25 @@ def execute_at_once(runs: Sequence[Run], configs_at_once: int,
             for i in range(0, len(group), configs_at_once)]
   for index, group in enumerate(groups, 1):
     where = f'[group {index}/{len(groups)}]'
+    allow_changes = group[0].allow_changes
     logging.info('%s training %d runs at once: %s', where, len(group), '; '.join(map(str, group)))
-
-    def train(group=group):
-      allow_changes = group[0].allow_changes
-      try:
-        train_and_evaluate_at_once([r.config for r in group], [r.workdir for r in group],
-                                   allow_changes)
-      except ValueError as error:
-        if 'different epochs' not in str(error):
+    try:
+      _train_group(group, lambda group=group: train_and_evaluate_at_once(
+          [r.config for r in group], [r.workdir for r in group], allow_changes), where,
+                   keep_going=False, summary=summary)
+      continue
+    except Exception as error:  # pylint: disable=broad-except  # Sorted out below.
+      separable = isinstance(error, TrainingDiverged) or 'different epochs' in str(error)
+      if len(group) == 1 or not separable:
+        if not keep_going:
           raise
-        logging.warning('%s; training the group one run at a time.', error)
-        for run in group:
-          train_and_evaluate(run.config, run.workdir, allow_changes)
-
-    _train_group(group, train, where, keep_going, summary)
+        _record_failure(group, where, error, summary)
+        continue
+      logging.warning('%s: %s; training the group one run at a time.', where, error)
+    for run in group:
+      _train_group([run], lambda run=run: train_and_evaluate(run.config, run.workdir,
+                                                             allow_changes),
+                   f'{where} {run}', keep_going, summary)
   return summary
 
 
@@ -290,13 +295,19 @@ def _train_group(group: Sequence[Run], train: Callable[[], Any], where: str, kee
   except Exception as error:  # pylint: disable=broad-except
     if not keep_going:
       raise
-    logging.error('%s failed:\n%s', where, traceback.format_exc())
-    summary.outcomes.extend((r, FAILED, f'{type(error).__name__}: {error}') for r in group)
+    _record_failure(group, where, error, summary)
     return
   detail = f'{time.time() - started:.1f} s'
   if len(group) > 1:
     detail += f' for {len(group)} at once'
   summary.outcomes.extend((r, o, detail) for r, o in zip(group, outcomes))
+
+
+def _record_failure(group: Sequence[Run], where: str, error: BaseException,
+                    summary: SweepSummary) -> None:
+  logging.error('%s failed:\n%s', where,
+                ''.join(traceback.format_exception(type(error), error, error.__traceback__)))
+  summary.outcomes.extend((r, FAILED, f'{type(error).__name__}: {error}') for r in group)
 
 
 def run_sweep(benchmark: str, tasks: str | Sequence[str], seeds: str | Sequence[int],
@@ -340,7 +351,7 @@ def main(argv: Sequence[str]) -> None:
     set_compilation_cache(values.compilation_cache)
   try:
     summary = execute(runs, keep_going=values.keep_going)
-  except (ValueError, OSError, RunError) as error:
+  except (ValueError, OSError, RunError, CheckpointDownloadError) as error:
     cli.exit_with(error)  # Bad input or a fault: the message says what to do.
   print(summary)
   if summary.failed:

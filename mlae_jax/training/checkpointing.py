@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import threading
+import traceback
 from typing import Any, Iterator
 
 import jax
@@ -31,9 +32,10 @@ class RunCheckpoints:
   """Saves after whole epochs (the checkpoint's number is the epochs completed) and
   restores the newest intact one."""
 
-  def __init__(self, directory: str, keep: int = 2):
+  def __init__(self, directory: str, keep: int = 2, primary: bool = True):
     self.directory = os.path.abspath(directory)
     self._keep = keep
+    self._primary = primary  # Whether this process sets damaged checkpoints aside.
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -73,6 +75,8 @@ class RunCheckpoints:
       try:
         with _quiet_background_failures():
           state, history = self._restore(epoch, template)
+      except MemoryError:
+        raise
       except Exception as error:  # pylint: disable=broad-except  # Any damage: try older.
         damaged.append((epoch, f'{type(error).__name__}: {_first_line(error)}'))
         continue
@@ -102,18 +106,23 @@ class RunCheckpoints:
     return TrainState(tree['step'], tree['trainable'], tree['opt_state']), history
 
   def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
+    """Renames damaged checkpoints out of orbax's sight (kept, for a look or to rename
+    back after a passing fault), so the next save after that epoch can be written."""
     self._manager.close()
-    for epoch, why in damaged:
-      source = os.path.join(self.directory, str(epoch))
-      target = source + DAMAGED_SUFFIX
-      while os.path.exists(target):
-        target += '_'
-      os.replace(source, target)
-      message = (f'Checkpoint {source} is damaged ({why}); set aside as {target}, '
-                 'resuming from an older one.')
-      logging.warning(message)
-      print(f'mlae_jax: warning: {message}', file=sys.stderr)
-    self._manager = self._open()
+    try:
+      for epoch, why in damaged:
+        source = os.path.join(self.directory, str(epoch))
+        target = source + DAMAGED_SUFFIX
+        if self._primary:
+          while os.path.exists(target):
+            target += '_'
+          os.replace(source, target)
+        message = (f'Checkpoint {source} is damaged ({why}); set aside as {target}, '
+                   'resuming from an older one.')
+        logging.warning(message)
+        print(f'mlae_jax: warning: {message}', file=sys.stderr)
+    finally:
+      self._manager = self._open()
 
   def close(self) -> None:
     self._manager.close()
@@ -134,8 +143,12 @@ def _quiet_background_failures() -> Iterator[None]:
     logger.setLevel(level)
 
 
-def _is_closed_loop_echo(error: BaseException | None) -> bool:
-  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+def _is_closed_loop_echo(error: BaseException | None, trace: Any) -> bool:
+  """asyncio's 'Event loop is closed', raised by the event loop itself."""
+  if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+    return False
+  frames = traceback.extract_tb(trace)
+  return bool(frames) and frames[-1].filename.endswith(os.path.join('asyncio', 'base_events.py'))
 
 
 def _drop_closed_loop_echoes() -> None:
@@ -146,11 +159,11 @@ def _drop_closed_loop_echoes() -> None:
   unraisable, thread = sys.unraisablehook, threading.excepthook
 
   def unraisable_hook(args):
-    if not _is_closed_loop_echo(args.exc_value):
+    if not _is_closed_loop_echo(args.exc_value, args.exc_traceback):
       unraisable(args)
 
   def thread_hook(args):
-    if not _is_closed_loop_echo(args.exc_value):
+    if not _is_closed_loop_echo(args.exc_value, args.exc_traceback):
       thread(args)
 
   unraisable_hook.drops_closed_loop_echoes = True

@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from mlae_jax.adapters.config import AdapterConfig
+from mlae_jax.adapters.config import AdapterConfig, is_number
 from mlae_jax.model.variants import get_variant
 from mlae_jax.training.optimizer import WEIGHT_DECAY_RULES
 from mlae_jax.training.schedules import SCHEDULES
@@ -35,10 +35,6 @@ def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
 _MODEL_SIZES = ('patch_size', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers')
 
 
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on the first value a run cannot use (a wrong type, a non-finite
   or senseless number, a model shape that cannot work), before anything is built."""
@@ -51,7 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             value, f'must be an integer >= {low}')
 
   def number(field: str, value: Any, expectation: str, check) -> None:
-    require(_is_number(value) and math.isfinite(value) and check(value), field, value,
+    require(is_number(value) and math.isfinite(value) and check(value), field, value,
             f'must be a finite number {expectation}')
 
   def flag(field: str, value: Any) -> None:

@@ -54,3 +54,23 @@ class MetricsLog:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   with open(os.path.join(workdir, METRICS_FILE)) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def logged_evaluations(workdir: str, up_to_epoch: int) -> list[dict[str, Any]]:
+  """The evaluation records of `metrics.jsonl` up to `up_to_epoch` (lines cut short by a
+  crash skipped): a checkpoint is written before its epoch's evaluation, so the log
+  holds evaluations its history cannot."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if (isinstance(record, dict) and record.get('kind') == 'eval'
+          and isinstance(record.get('epoch'), int) and record['epoch'] <= up_to_epoch):
+        records.append(record)
+  return records

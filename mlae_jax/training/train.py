@@ -8,9 +8,10 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from mlae_jax.training import config_checks, parallel
 from mlae_jax.training import workdir as run_files
 from mlae_jax.training.checkpointing import RunCheckpoints
 from mlae_jax.training.errors import OutputWriteError, TrainingDiverged
-from mlae_jax.training.metrics import MetricsLog
+from mlae_jax.training.metrics import MetricsLog, logged_evaluations
 from mlae_jax.training.optimizer import optimizer_from_config
 from mlae_jax.training.schedules import is_evaluation_epoch
 from mlae_jax.training.steps import (StepConfig, TrainState, epoch_order, jit_eval_step,
@@ -174,29 +175,31 @@ def _train_in_workdirs(configs: Sequence[ml_collections.ConfigDict], workdirs: S
     if not isinstance(path, (str, os.PathLike)):
       raise TypeError(f'A workdir must be a path, got {path!r}.')
   workdirs = [os.fspath(path) for path in workdirs]
+  allow_changes = run_files.check_allowed(allow_changes)
   parallel.maybe_initialize_distributed()
-  with contextlib.ExitStack() as claims:
+  primary = jax.process_index() == 0  # The process that writes the workdir's files.
+  with contextlib.ExitStack() as open_files:
     changes = []
     for config, path in zip(configs, workdirs):
       run_files.prepare(path)
-      if jax.process_index() == 0:
-        claims.enter_context(run_files.locked(path))
+      if primary:
+        open_files.enter_context(run_files.locked(path))
       changes.append(run_files.check_config(path, config, allow_changes))
     if not any(changes) and all(run_files.results_complete(path) for path in workdirs):
       _report('Already finished: ' + ', '.join(workdirs) + '.')
       return [read_json(os.path.join(path, run_files.RESULTS_FILE)) for path in workdirs]
-    for config, path, change in zip(configs, workdirs, changes):
-      run_files.record_config(path, config, change)
     data = get_data()
     if data.num_classes < 2:
       raise ValueError(f'Task {data.name!r} has {data.num_classes} class(es); a classifier '
                        'needs at least 2.')
-    return _train(configs, workdirs, data)
+    return _train(configs, workdirs, data, changes, primary, open_files)
 
 
 def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
-           data: TaskData) -> list[dict[str, Any]]:
-  """The training loop of `train_configs_on_task`, in claimed workdirs."""
+           data: TaskData, changes: Sequence[Mapping[str, Any]], primary: bool,
+           open_files: contextlib.ExitStack) -> list[dict[str, Any]]:
+  """The training loop of `train_configs_on_task`, in claimed workdirs; `changes` are
+  recorded once the run has resumed, and files opened here close with `open_files`."""
   config, count = configs[0], len(configs)
   mesh = parallel.make_mesh()
   devices = mesh.devices.size
@@ -218,7 +221,8 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
   tx, schedule = optimizer_from_config(config, trainable, steps_per_epoch)
   states = [create_train_state(t, tx) for t in trainables]
 
-  checkpoints = [RunCheckpoints(os.path.join(w, run_files.CHECKPOINT_DIR), config.keep_checkpoints)
+  checkpoints = [open_files.enter_context(contextlib.closing(RunCheckpoints(
+      os.path.join(w, run_files.CHECKPOINT_DIR), config.keep_checkpoints, primary)))
                  for w in workdirs]
   histories: list[dict[str, list]] = [{'train': [], 'eval': []} for _ in configs]
   restored = [c.restore_latest(s) for c, s in zip(checkpoints, states)]
@@ -233,8 +237,16 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
                      'a new workdir.')
   if start_epoch:
     states, histories = [r[1] for r in restored], [r[2] for r in restored]
+    for history, path in zip(histories, workdirs):  # Evaluations made after the checkpoint.
+      kept = {r['epoch'] for r in history['eval']}
+      history['eval'] = sorted(history['eval'] + [
+          r for r in logged_evaluations(path, start_epoch) if r['epoch'] not in kept],
+                               key=lambda r: r['epoch'])
     _report(f'Resuming from the checkpoint after epoch {start_epoch}.')
-  logs = [MetricsLog(w) for w in workdirs]
+  if primary:
+    for config_k, path, change in zip(configs, workdirs, changes):
+      run_files.record_config(path, config_k, change)
+  logs = [open_files.enter_context(contextlib.closing(MetricsLog(w))) for w in workdirs]
   for log, history in zip(logs, histories):
     # As written during training: an epoch's train record, then its evaluation.
     log.reset(sorted(history['train'] + history['eval'],
@@ -267,6 +279,12 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
     for k, t in enumerate(unstack_configs(jax.device_get(totals), count)):
       if int(t['count']) != data.num_eval:
         raise RuntimeError(f'Evaluated {int(t["count"])} examples, expected {data.num_eval}.')
+      if not np.isfinite(t['loss_sum']):
+        raise TrainingDiverged(
+            f'The evaluation of {workdirs[k]} after epoch {epoch} gave a loss of '
+            f'{float(t["loss_sum"] / t["count"])}: the trained parameters are finite but the '
+            'logits overflow. No results were written; lower config.learning_rate, in a new '
+            'workdir.')
       result = {'kind': 'eval', 'epoch': epoch, 'step': step,
                 'accuracy': float(t['correct'] / t['count']),
                 'loss': float(t['loss_sum'] / t['count'])}
@@ -323,8 +341,6 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
     if due(epoch + 1):
       evaluate(epoch + 1, step)
   bar.close()
-  for closing in checkpoints + logs:
-    closing.close()
 
   results = []
   final_frozen = jax.device_get(frozen)
@@ -429,11 +445,19 @@ def _results(config, data: TaskData, params: Any, tuned: frozenset[str],
 
 def _export(config, workdir: str, model: VisionTransformer, params: Any, data: TaskData,
             image_size: int) -> None:
-  directory = os.path.join(workdir, run_files.EXPORT_DIR)
+  """Writes the exports into a partial folder, then puts it in place of export/: never a
+  mix of two runs' files."""
+  final = os.path.join(workdir, run_files.EXPORT_DIR)
+  partial = final + '.partial'
+  shutil.rmtree(partial, ignore_errors=True)
   extra = {'task': data.name, 'image_size': image_size, 'mean': list(data.mean),
            'std': list(data.std), 'pretrained': config.pretrained}
   if model.adapter is not None:
-    _write_output(directory, lambda path: export_adapters(path, model, params, extra))
+    _write_output(partial, lambda path: export_adapters(path, model, params, extra))
   if config.export_merged:
-    _write_output(os.path.join(directory, 'merged.npz'),
+    _write_output(os.path.join(partial, 'merged.npz'),
                   lambda path: export_merged(path, model, params))
+  if not os.path.isdir(partial):
+    return
+  shutil.rmtree(final, ignore_errors=True)
+  os.replace(partial, final)

@@ -38,8 +38,10 @@ RESULTS_FILE = 'results.json'
 RESULT_KEYS = ('task', 'epochs', 'num_eval', 'final_epoch_accuracy',
                'best_of_evaluations_accuracy', 'best_of_evaluations_epoch')
 
-# Fields a re-run may change freely: where files live, and display.
-LOCATION_FIELDS = ('progress_bar', 'cache_dir', 'download', 'data.data_dir', 'data.download')
+# Fields a re-run may change freely: where files live, display, and the baselines
+# trained beside the run (each in its own workdir, checked there).
+UNCHECKED_FIELDS = ('progress_bar', 'cache_dir', 'download', 'data.data_dir', 'data.download',
+                    'baselines')
 # Fields a resumed run may change when asked to explicitly (`allow_changes`): they
 # extend or re-schedule a run without changing what it has trained so far.
 RESUMABLE_FIELDS = ('epochs', 'eval_every_epochs', 'eval_last_epochs', 'checkpoint_every_epochs',
@@ -70,12 +72,12 @@ def config_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict
 
 def config_differences(saved: Mapping[str, Any],
                        config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """field -> (saved, new) for every field that differs, except LOCATION_FIELDS. A field
+  """field -> (saved, new) for every field that differs, except UNCHECKED_FIELDS. A field
   only one side has (a config saved by another version) counts as a difference, shown
   as '<absent>' on the other side: it may have changed how the run trains."""
   old, new = config_fields(saved), config_fields(config)
   return {key: (old.get(key, _ABSENT), new.get(key, _ABSENT)) for key in sorted(set(old) | set(new))
-          if key not in LOCATION_FIELDS and old.get(key, _ABSENT) != new.get(key, _ABSENT)}
+          if key not in UNCHECKED_FIELDS and old.get(key, _ABSENT) != new.get(key, _ABSENT)}
 
 
 def describe_differences(differences: Mapping[str, tuple[Any, Any]], limit: int = 8) -> str:
@@ -114,19 +116,31 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
                  allow_changes: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
   """Raises WorkdirConflict if `workdir` holds a run of another config, listing the
   fields that differ; returns the differences `allow_changes` permits (to record)."""
+  allowed = set(check_allowed(allow_changes))
   saved = saved_config(workdir)
   if saved is None:
+    left = [name for name in (CHECKPOINT_DIR, RESULTS_FILE)
+            if os.path.exists(os.path.join(workdir, name))]
+    if left:
+      raise WorkdirConflict(f'{workdir} holds {" and ".join(left)} but no {CONFIG_FILE}, so the '
+                            'run it holds cannot be checked; move it away or delete it.')
     return {}
   differences = config_differences(saved, config)
-  allowed = set(check_allowed(allow_changes))
   refused = {k: v for k, v in differences.items() if k not in allowed}
   if refused:
     resumable = [k for k in refused if k in RESUMABLE_FIELDS]
     hint = (f' To change {", ".join(resumable)} on resume, say so: --allow_changes='
             f'{",".join(resumable)}.' if resumable and len(resumable) == len(refused) else '')
+    if any(_ABSENT in pair for pair in refused.values()):
+      hint += (f' Fields shown as {_ABSENT!r} belong to another version of mlae_jax: finish '
+               'the run with the version that started it, or start over.')
     raise WorkdirConflict(
         f'{workdir} holds a run with another config ({describe_differences(refused)}). Use '
         f'another workdir for other settings, or delete this one to start over.{hint}')
+  shorter = differences.get('epochs')
+  if shorter and isinstance(shorter[0], int) and shorter[1] < shorter[0]:
+    raise WorkdirConflict(f'{workdir} holds a run of {shorter[0]} epochs; it cannot be '
+                          f'shortened to {shorter[1]}. Use a new workdir.')
   return {k: v for k, v in differences.items() if k in allowed}
 
 
@@ -147,9 +161,9 @@ def prepare(workdir: str) -> None:
 
 def record_config(workdir: str, config: ml_collections.ConfigDict,
                   changes: Mapping[str, tuple[Any, Any]]) -> None:
-  """Writes config.json (after `check_config`); allowed changes are appended to
-  config_changes.jsonl, and a results.json of the run before them is removed (the run
-  is unfinished again until it reaches its new end)."""
+  """Writes config.json (after `check_config`, once the run has resumed); allowed
+  changes are appended to config_changes.jsonl, and the results of the run before them
+  removed (the run is unfinished again until it reaches its new end)."""
   if changes:
     line = json.dumps({'time': datetime.datetime.now().isoformat(timespec='seconds'),
                        'changes': {k: {'from': old, 'to': new}
