@@ -23,11 +23,11 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
-from mlae_jax.files import read_json, write_json
 from mlae_jax import cli
+from mlae_jax.checkpoints.download import CheckpointDownloadError
+from mlae_jax.files import read_json, write_json
 from mlae_jax.sweeps import layout, runner
 from mlae_jax.sweeps.runner import Run, TrainFn
-from mlae_jax.checkpoints.download import CheckpointDownloadError
 from mlae_jax.training.errors import RunError
 from mlae_jax.training.workdir import RESULTS_FILE
 

@@ -28,9 +28,9 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 
 from mlae_jax import cli
+from mlae_jax.checkpoints.download import CheckpointDownloadError
 from mlae_jax.sweeps import layout
 from mlae_jax.training import workdir as run_files
-from mlae_jax.checkpoints.download import CheckpointDownloadError
 from mlae_jax.training.errors import RunError, TrainingDiverged
 from mlae_jax.training.workdir import WorkdirConflict
 

@@ -358,11 +358,10 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
 
 
 def _finite_configs(trainable: Any, count: int) -> jax.Array:
-  """(K,) bools: whether every trained parameter of each configuration is finite."""
-  leaves = jax.tree.leaves(trainable)
-  if count == 1:
-    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]).all()[None]
-  return jnp.stack([jnp.isfinite(leaf).reshape(count, -1).all(1) for leaf in leaves]).all(0)
+  """(K,) bools: whether every trained parameter of each configuration is finite (K = 1:
+  leaves without a config axis, read as one row)."""
+  return jnp.stack([jnp.isfinite(leaf).reshape(count, -1).all(1)
+                    for leaf in jax.tree.leaves(trainable)]).all(0)
 
 
 def _check_finite(losses: np.ndarray, finite: np.ndarray, epoch: int, steps_per_epoch: int,

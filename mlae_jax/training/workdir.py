@@ -53,21 +53,15 @@ class WorkdirConflict(ValueError):
   """A workdir holds another run (another config), or cannot hold this one."""
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def _fields(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """'group.field' -> value of a config as config.json stores it."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(_fields(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
-
-
-def config_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
-  """'group.field' -> value, as config.json stores them (tuples become lists)."""
-  if isinstance(config, ml_collections.ConfigDict):
-    config = json.loads(config.to_json_best_effort())
-  return _flatten(config)
 
 
 def config_differences(saved: Mapping[str, Any],
@@ -75,7 +69,7 @@ def config_differences(saved: Mapping[str, Any],
   """field -> (saved, new) for every field that differs, except UNCHECKED_FIELDS. A field
   only one side has (a config saved by another version) counts as a difference, shown
   as '<absent>' on the other side: it may have changed how the run trains."""
-  old, new = config_fields(saved), config_fields(config)
+  old, new = _fields(saved), _fields(json.loads(config.to_json_best_effort()))
   return {key: (old.get(key, _ABSENT), new.get(key, _ABSENT)) for key in sorted(set(old) | set(new))
           if key not in UNCHECKED_FIELDS and old.get(key, _ABSENT) != new.get(key, _ABSENT)}
 
