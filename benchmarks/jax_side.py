@@ -23,9 +23,9 @@ from mlae_jax.model.vit import VisionTransformer, create_model
 from mlae_jax.partition import combine, split_trainable
 from mlae_jax.training import parallel
 from mlae_jax.training.optimizer import make_optimizer
-from mlae_jax.training.steps import (StepConfig, jit_eval_step, jit_train_step,
-                                    stack_configs)
-from mlae_jax.training.train import compute_dtype, create_train_state
+from mlae_jax.training.precision import choose_compute_dtype
+from mlae_jax.training.steps import (StepConfig, create_train_state, jit_eval_step,
+                                    jit_train_step, stack_configs)
 
 NAME = 'jax'
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -36,10 +36,12 @@ def device_peak() -> int | None:
   return stats.get('peak_bytes_in_use') if stats else None
 
 
-def prepare(args: argparse.Namespace, record: dict) -> tuple[dict[str, Callable], dict]:
-  """Calls of our train step, eval step, merged and plain eval steps (and the
-  K-configurations train step for --configs K), each blocking on its result."""
-  dtype = compute_dtype(args.dtype)
+def prepare(args: argparse.Namespace, record: dict,
+            merged: bool = True) -> tuple[dict[str, Callable], dict]:
+  """Calls of our train step, eval step, merged and plain eval steps (those two only
+  with `merged`) and the K-configurations train step for --configs K, each blocking on
+  its result."""
+  dtype = choose_compute_dtype(args.dtype).dtype
   adapter = AdapterConfig(targets=tuple(args.targets.split(',')), rank=args.rank,
                           drop_rate=args.drop_rate)
   overrides = {'num_layers': args.layers} if args.layers else {}
@@ -93,12 +95,13 @@ def prepare(args: argparse.Namespace, record: dict) -> tuple[dict[str, Callable]
         jit_train_step(cfg, replicated, args.configs, args.configs_per_pass),
         *jax.device_put((stacked, drop_rates), replicated))
 
-  merged_model, merged_params = merge_adapters(model, jax.device_get(combine(frozen, trainable)))
-  calls['jax_merged_eval'] = _eval_call(merged_model, merged_params, eval_batch, replicated)
-  plain_model = create_model(args.model, args.num_classes, dtype=dtype, **overrides)
-  calls['jax_plain_eval'] = _eval_call(
-      plain_model, init_params(plain_model, jax.random.key(0), args.image_size), eval_batch,
-      replicated)
+  if merged:
+    merged_model, merged_params = merge_adapters(model, jax.device_get(combine(frozen, trainable)))
+    calls['jax_merged_eval'] = _eval_call(merged_model, merged_params, eval_batch, replicated)
+    plain_model = create_model(args.model, args.num_classes, dtype=dtype, **overrides)
+    calls['jax_plain_eval'] = _eval_call(
+        plain_model, init_params(plain_model, jax.random.key(0), args.image_size), eval_batch,
+        replicated)
   info = {'device': f'{jax.devices()[0].device_kind} x{len(jax.devices())} '
                     f'({jax.default_backend()})',
           'dtype': jnp.dtype(dtype).name, 'jax_version': jax.__version__}

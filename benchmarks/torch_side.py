@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 from typing import Callable
 
 import timm
@@ -41,11 +42,24 @@ def device_peak() -> int | None:
   return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
+def reference_device() -> torch.device:
+  """Where the reference runs: the first CUDA device if PyTorch has one, else the CPU."""
+  return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def release() -> None:
+  """Hands the memory PyTorch's CUDA allocator still caches back to the device, once
+  the calls of `prepare` are dropped (so that a side run after this one has it)."""
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
+
+
 def prepare(args: argparse.Namespace, record: dict) -> tuple[dict[str, Callable], dict]:
   """Calls of the reference's train step and eval (bf16 autocast where ours is bf16)."""
   if torch.cuda.is_available():
     torch.cuda.reset_peak_memory_stats()
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  device = reference_device()
   variant = get_variant(args.model)
   model = VisionTransformer(
       img_size=args.image_size, patch_size=variant.patch_size, embed_dim=variant.hidden_size,

@@ -6,6 +6,10 @@ r"""Fine-tunes a ViT with MLAE on one task.
 Re-running the same command resumes from the latest intact checkpoint in the workdir.
 A problem (bad config, missing file, full disk, diverged training, a workdir holding
 another run or in use) ends the command with one line saying what to do.
+
+On several hosts, run the same command on each, with JAX_COORDINATOR_ADDRESS (host:port
+of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM / Open MPI):
+process 0 writes the workdir; the batch is split over every device of every host.
 """
 
 from absl import app, flags, logging
@@ -13,7 +17,9 @@ from ml_collections import config_flags
 
 from mlae_jax import cli
 from mlae_jax.checkpoints.download import CheckpointDownloadError
+from mlae_jax.training import parallel
 from mlae_jax.training.errors import RunError
+from mlae_jax.training.precision import choose_compute_dtype
 from mlae_jax.training.train import train_with_baselines
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file (configs/*.py[:arg]).',
@@ -32,6 +38,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Libraries' INFO chatter; --verbosity=0 shows it.
   config = cli.config_value(lambda: _CONFIG.value)
   try:
+    parallel.maybe_initialize_distributed()  # Before anything runs on a device.
+    precision = choose_compute_dtype(config.model.dtype)
+    print(f'Compute dtype {precision.name} ({precision.reason}).', flush=True)
     runs = train_with_baselines(config, _WORKDIR.value, _ALLOW_CHANGES.value)
   except (ValueError, OSError, RunError, CheckpointDownloadError) as error:
     cli.exit_with(error)  # Bad input or a fault (disk, data, divergence): what to do.

@@ -3,40 +3,56 @@
   python notebooks/build_notebooks.py          # (re)write the .ipynb files, outputs cleared
   python notebooks/build_notebooks.py --check  # exit 1 if a committed notebook is stale
 
-Every notebook starts with the same two cells: the mode (`SMALL`) and the install
-(Colab only). SMALL = True is what CI runs (a tiny ViT, synthetic data, a random
-checkpoint in the original layout; about a minute on a CPU); SMALL = False is the
-real thing for a Colab GPU runtime (ViT-B/16 from the ImageNet-21k checkpoint, a
-VTAB-1k task through TFDS). In Colab the default is the full mode, elsewhere the
-small one; the environment variable MLAE_NOTEBOOK_SMALL=1 / 0 forces either.
+Every notebook starts with the settings cell (`SMALL`; the training notebooks also
+`EPOCHS` and `USE_DRIVE`) and the install cell. SMALL = True is what CI runs (a tiny
+ViT, synthetic data, a random checkpoint in the original layout; about a minute on a
+CPU); SMALL = False is the real thing for a Colab GPU runtime (ViT-B/16 from the
+ImageNet-21k checkpoint, a VTAB-1k task through TFDS). In Colab the default is the full
+mode, elsewhere the small one; the environment variable MLAE_NOTEBOOK_SMALL=1 / 0 forces
+either.
 """
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import sys
+import textwrap
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# `mlae-jax` is a placeholder for the GitHub owner of the repository: replace it here
-# (and regenerate) once the repository is published under its real organisation.
-GITHUB = 'mlae-jax/mlae_jax'
+# No real repository: the install cell refuses to pip-install from it.
+PLACEHOLDER_REPO = 'mlae-jax/mlae_jax'
+# The GitHub repository ('owner/name') the notebooks install from and link to, the one place
+# it is written: for a fork or the published repository, change it here and regenerate.
+GITHUB_REPO = PLACEHOLDER_REPO
 COLAB_URL = 'https://colab.research.google.com/github/{repo}/blob/main/notebooks/{name}.ipynb'
-PIP_PACKAGE = f'mlae_jax @ git+https://github.com/{GITHUB}'
 
 
 def header(name: str, title: str, text: str) -> str:
-  url = COLAB_URL.format(repo=GITHUB, name=name)
-  return (f'<!-- The GitHub owner `{GITHUB.split("/")[0]}` in the link below is a placeholder '
-          'for the repository\'s real organisation. -->\n'
-          f'[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})\n\n'
-          f'# {title}\n\n{text}')
+  """The first markdown cell: the Colab badge of this notebook, the title and the text."""
+  url = COLAB_URL.format(repo=GITHUB_REPO, name=name)
+  note = (f'\n\n*`{GITHUB_REPO}` in the link above is a placeholder, not a published repository: '
+          'set `REPO` in the install cell to the repository you opened this notebook from.*'
+          if GITHUB_REPO == PLACEHOLDER_REPO else '')
+  return (f'[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})'
+          f'{note}\n\n# {title}\n\n{text}')
 
 
-MODE = '''\
-# The one switch of this notebook.
+def settings(training: bool) -> str:
+  """The first code cell: the switches of a notebook (EPOCHS and USE_DRIVE where it trains)."""
+  training_switches = '''
+# Full mode: 500 epochs is the paper's schedule; fewer (more than its 10 warmup epochs) give a
+# quicker, weaker run. The notebook measures how long this runtime takes before training.
+EPOCHS = 500
+# In Colab, True keeps runs/ and the downloaded checkpoint on Google Drive: after a disconnect,
+# running the notebook again resumes each run from its last checkpoint.
+USE_DRIVE = False''' if training else ''
+  return f'''\
+# The switches of this notebook.
 #   SMALL = True:  a tiny ViT, synthetic data and a random checkpoint in the original layout;
 #                  about a minute on a CPU (what CI runs).
 #   SMALL = False: ViT-B/16 from the original ImageNet-21k checkpoint on a real VTAB-1k task;
@@ -46,19 +62,118 @@ import os
 import sys
 
 IN_COLAB = 'google.colab' in sys.modules
-SMALL = os.environ.get('MLAE_NOTEBOOK_SMALL', '0' if IN_COLAB else '1') == '1'
+SMALL = os.environ.get('MLAE_NOTEBOOK_SMALL', '0' if IN_COLAB else '1') == '1'{training_switches}
 print('mode:', 'small' if SMALL else 'full')'''
 
 
-def install(extra: str = '') -> str:
-  packages = ', '.join(repr(p) for p in [PIP_PACKAGE] + extra.split())
+def setup_requirements() -> list[str]:
+  """setup.py's install_requires, read from its source (so the list is written only there)."""
+  with open(os.path.join(HERE, os.pardir, 'setup.py')) as f:
+    tree = ast.parse(f.read())
+  call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+              and getattr(node.func, 'id', None) == 'setup')
+  return next(ast.literal_eval(k.value) for k in call.keywords if k.arg == 'install_requires')
+
+
+def requirement_name(requirement: str) -> str:
+  """The distribution a requirement names, normalised ('tensorflow-cpu>=2.16': tensorflow-cpu)."""
+  return re.split(r'[\s<>=!~;\[@]', requirement, maxsplit=1)[0].lower().replace('_', '-')
+
+
+# What the install cell does with its settings (REPO, REQUIREMENTS, EXTRAS, IN_COLAB). The
+# decision is the pure function install_plan, which tests/test_notebook_install.py runs
+# under faked environments.
+INSTALL_LOGIC = '''\
+def install_plan(in_colab: bool, importable: bool, has_tensorflow: bool,
+                 repo: str) -> list[list[str]]:
+  """The pip commands to run, in order: none when mlae_jax imports already; raises a
+  RuntimeError saying what to do where pip must not run."""
+  if importable:
+    return []
+  if not in_colab:
+    raise RuntimeError(
+        'mlae_jax is not installed in this Python environment, and outside Colab this cell '
+        'installs nothing. In a checkout of the repository, run '
+        f'`{shlex.join(["pip", "install", "-e", "."] + EXTRAS)}` '
+        "with this kernel's Python, then restart the kernel and run the notebook again.")
+  if repo == PLACEHOLDER_REPO:
+    raise RuntimeError(
+        f'REPO = {repo!r} is a placeholder, not a published GitHub repository, so there is '
+        "nothing to install from. Set REPO in this cell to the 'owner/name' of your fork or of "
+        "the published mlae_jax repository (for example REPO = 'your-name/mlae_jax') and run "
+        'the cell again.')
+  package = f'mlae_jax @ git+https://github.com/{repo}'
+  pip = [sys.executable, '-m', 'pip', 'install', '-q']
+  if has_tensorflow:  # No tensorflow-cpu: it would replace this runtime's TensorFlow (GPU build).
+    return [pip + ['--no-deps', package], pip + REQUIREMENTS + EXTRAS]
+  return [pip + [package] + EXTRAS]
+
+
+def found(module: str) -> bool:
+  return importlib.util.find_spec(module) is not None
+
+
+commands = install_plan(IN_COLAB, found('mlae_jax'), found('tensorflow'), REPO)
+for command in commands:
+  if subprocess.run(command).returncode != 0:
+    raise RuntimeError(f'pip failed (its output is above): {shlex.join(command)}')
+importlib.invalidate_caches()
+print(f'Installed mlae_jax from https://github.com/{REPO}.' if commands else
+      'mlae_jax imports already (installed, or run from a checkout): nothing to install.')'''
+
+
+def install(extras: tuple[str, ...] = ()) -> str:
+  """The install cell: in Colab, mlae_jax (and `extras`) from GITHUB_REPO unless mlae_jax
+  imports already, keeping the runtime's own TensorFlow; elsewhere nothing."""
+  requirements = [r for r in setup_requirements() if requirement_name(r) != 'tensorflow-cpu']
+  listed = textwrap.fill(', '.join(map(repr, requirements)), 96, initial_indent=' ' * 4,
+                         subsequent_indent=' ' * 4, break_long_words=False,
+                         break_on_hyphens=False)
   return f'''\
-# In Colab, install mlae_jax from GitHub (JAX, Flax, optax, TFDS{", PyTorch" if extra else ""} are
-# preinstalled there). Elsewhere this cell does nothing: install the repository yourself
-# (`pip install -e '.[test]'`).
-if IN_COLAB:
-  import subprocess
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', {packages}], check=True)'''
+# Installs mlae_jax{" (and " + ", ".join(extras) + ")" if extras else ""} if it does not import \
+yet: in Colab from the GitHub
+# repository REPO (for a fork, set REPO to its 'owner/name'), keeping Colab's TensorFlow.
+# Elsewhere nothing is installed: run `pip install -e .` in a checkout of the repository.
+import importlib
+import importlib.util
+import shlex
+import subprocess
+
+REPO = {GITHUB_REPO!r}
+PLACEHOLDER_REPO = {PLACEHOLDER_REPO!r}
+# setup.py's install_requires without tensorflow-cpu, installed beside `--no-deps` mlae_jax.
+REQUIREMENTS = [
+{listed},
+]
+EXTRAS = {list(extras)!r}
+
+
+''' + INSTALL_LOGIC
+
+
+# Where the training notebooks keep their runs: see USE_DRIVE in the settings cell.
+STORAGE = '''\
+# Where runs/ goes: the working directory, or with USE_DRIVE (Colab) a folder on Google Drive,
+# which also holds the checkpoint cache (MLAE_JAX_CACHE), so both outlive the runtime.
+def storage_root(use_drive: bool, in_colab: bool) -> str:
+  """The folder that holds runs/; on Drive it also becomes the checkpoint cache's parent."""
+  if not use_drive:
+    return os.getcwd()
+  if not in_colab:
+    raise RuntimeError(
+        'USE_DRIVE = True mounts Google Drive, which works only in Google Colab. Set USE_DRIVE = '
+        'False here: runs/ stays in the working directory, and running the notebook again '
+        'resumes from it.')
+  from google.colab import drive
+
+  drive.mount('/content/drive')
+  root = '/content/drive/MyDrive/mlae_jax'
+  os.environ['MLAE_JAX_CACHE'] = os.path.join(root, 'cache')  # Read by resolve_checkpoint.
+  return root
+
+
+ROOT = storage_root(USE_DRIVE, IN_COLAB)
+print('runs under', os.path.join(ROOT, 'runs'))'''
 
 
 # A random ViT saved exactly as the released .npz files are laid out; used by the small
@@ -130,8 +245,27 @@ else:
   config.data.train_split, config.data.eval_split = 'train800val200', 'test'
   config.data.download = True  # Let TFDS download and prepare the dataset.
   config.mlae.drop_rate, config.mlae.coeff_init = TABLE_10[TASK]
-  config.epochs = 500  # The paper's schedule; fewer epochs give a quicker, weaker run.
-config.pretrained = CHECKPOINT'''
+  config.epochs = EPOCHS  # The settings cell's (500: the paper's schedule).
+config.pretrained = CHECKPOINT
+
+
+def workdir_of(method):
+  """The workdir of `method`'s run on TASK. The epochs are in its name: a workdir resumes only
+  a run of the same config."""
+  return os.path.join(ROOT, 'runs', f'{{TASK}}_{{method}}_{{config.epochs}}ep')'''
+
+# How long the training notebooks' runs take on this runtime, measured before training
+# (mlae_jax.training.estimate: the run's own compiled steps, timed here).
+ESTIMATE = 'from mlae_jax.training.estimate import estimate_training'
+
+ESTIMATE_TEXT = '''\
+## How long it takes
+
+Before training, the next cell compiles the run's own jitted training and evaluation steps, times
+them on this runtime and multiplies by the run's numbers of steps: an estimate measured here (not a
+published figure), printed as "about N minutes for EPOCHS epochs on <device>". Checkpoints, exports
+and the Python loop are not counted. For comparison, the paper reports about 40 minutes per VTAB-1k
+task on an RTX 3090. Lower `EPOCHS` in the first cell for a quicker, weaker run.'''
 
 
 def quick_start() -> list:
@@ -139,11 +273,12 @@ def quick_start() -> list:
       new_markdown_cell(header('quick_start', 'MLAE quick start', '''\
 Fine-tune ViT-B/16 with **MLAE** (masked LoRA experts) on a VTAB-1k task, starting from the original
 ImageNet-21k checkpoint: train, evaluate, merge the adapters into the backbone, export, and read the
-results. The first cell picks the mode: the full run (the paper's recipe, for a Colab GPU: the paper
-reports about 40 minutes per VTAB-1k task on an RTX 3090, expect longer on a T4) or the small one (a
-tiny ViT on synthetic data, under a minute on a CPU).''')),
-      new_code_cell(MODE),
+results. The first cell picks the mode: the full run (the paper's recipe, for a Colab GPU; before
+training, the notebook measures how long it takes on your runtime) or the small one (a tiny ViT on
+synthetic data, under a minute on a CPU), the epochs, and whether runs go to Google Drive.''')),
+      new_code_cell(settings(training=True)),
       new_code_cell(install()),
+      new_code_cell(STORAGE),
       new_code_cell('''\
 import json
 import warnings
@@ -162,15 +297,15 @@ from mlae_jax.export import load_adapter_export
 from mlae_jax.model import create_model
 from mlae_jax.training.defaults import base_config
 from mlae_jax.training.metrics import read_metrics
-from mlae_jax.training.train import train_and_evaluate
+from mlae_jax.training.train import train_on_task
 
 print('JAX devices:', jax.devices())'''),
       new_markdown_cell('''\
 ## The pre-trained checkpoint
 
 Full mode: `resolve_checkpoint('ViT-B_16')` downloads the original `ViT-B_16.npz` (about 400 MB)
-into `~/.cache/mlae_jax` once. Small mode: a random 2-block ViT written in exactly that file
-layout.'''),
+into `~/.cache/mlae_jax` (with `USE_DRIVE`, into `mlae_jax/cache` on Drive) once. Small mode: a
+random 2-block ViT written in exactly that file layout.'''),
       new_code_cell(RANDOM_CHECKPOINT + '''
 
 
@@ -192,18 +327,27 @@ with np.load(CHECKPOINT) as original:
 and coefficient init, as `configs/vtab.py` does
 (`python -m mlae_jax.main --config=configs/vtab.py:cifar100` is the same run from a shell).'''),
       new_code_cell(RUN_CONFIG + '''
-WORKDIR = f'runs/{TASK}_mlae'
+WORKDIR = workdir_of('mlae')
 print(f'{config.model.name} on {TASK}, {config.epochs} epochs, batch {config.batch_size}, '
       f'lr {config.learning_rate}; workdir {WORKDIR}')
 print('adapter:', config.mlae.to_dict())'''),
+      new_markdown_cell(ESTIMATE_TEXT + ' A resumed run trains only the epochs left.'),
+      new_code_cell(ESTIMATE + '''
+
+data = build_task_data(config.data)  # Full mode: TFDS downloads and prepares the task once.
+if os.path.exists(os.path.join(WORKDIR, 'results.json')):
+  print(f'{WORKDIR} holds a finished run: nothing to train.')
+else:
+  print(estimate_training(config, data).describe())'''),
       new_markdown_cell('''\
 ## Fine-tune
 
 Only the adapters (8 rank-1 experts on every block's fused q-k-v projection) and the new head are
 trained. The workdir receives `metrics.jsonl`, TensorBoard events, orbax checkpoints, `results.json`
-and the exports; running the cell again resumes from the last checkpoint.'''),
+and the exports; running the cell again resumes from the last checkpoint. With `USE_DRIVE` the
+workdir is on Google Drive: after a disconnect, run all cells again to resume.'''),
       new_code_cell('''\
-results = train_and_evaluate(config, WORKDIR)
+results = train_on_task(config, WORKDIR, data)
 print(f"final-epoch accuracy {results['final_epoch_accuracy']:.4f}, "
       f"best of the evaluations {results['best_of_evaluations_accuracy']:.4f} "
       f"(epoch {results['best_of_evaluations_epoch']}), "
@@ -215,7 +359,6 @@ print(f"final-epoch accuracy {results['final_epoch_accuracy']:.4f}, "
 pre-trained checkpoint. In evaluation every expert is used, unscaled.'''),
       new_code_cell('''\
 model, params = load_adapter_export(f'{WORKDIR}/export', CHECKPOINT)
-data = build_task_data(config.data)
 predict = jax.jit(lambda p, images: model.apply({'params': p}, images, train=False))
 correct = 0
 for batch in data.eval_batches(config.eval_batch_size):
@@ -283,8 +426,8 @@ The same original checkpoint in timm's ViT (PyTorch) and in mlae_jax: pre-head f
 must agree, and MLAE adapter weights must move between the two implementations both ways
 (`export_torch_state`, `import_torch_state`) without changing the outputs. Full mode checks ViT-B/16
 from the original ImageNet-21k file; small mode a random 2-block ViT in the same file layout.''')),
-      new_code_cell(MODE),
-      new_code_cell(install('timm')),
+      new_code_cell(settings(training=False)),
+      new_code_cell(install(('timm',))),
       new_code_cell('''\
 import warnings
 
@@ -495,8 +638,9 @@ matrix; the cosine similarity of every pair of experts in a block, averaged over
 blocks, is lower for MLAE than for LoRA. This notebook trains both methods on the same task (or
 reuses runs already in `runs/`), shows the per-block similarity matrices as heat maps, the averages,
 and the training curves from each run's `metrics.jsonl`.''')),
-      new_code_cell(MODE),
+      new_code_cell(settings(training=True)),
       new_code_cell(install()),
+      new_code_cell(STORAGE),
       new_code_cell('''\
 import json
 import warnings
@@ -510,19 +654,20 @@ import numpy as np
 
 from mlae_jax.analysis import export_similarity
 from mlae_jax.checkpoints import layout, resolve_checkpoint
+from mlae_jax.data import build_task_data
 from mlae_jax.model import create_model
 from mlae_jax.training.defaults import base_config
 from mlae_jax.training.metrics import read_metrics
-from mlae_jax.training.train import train_and_evaluate
+from mlae_jax.training.train import train_on_task
 
 print('JAX devices:', jax.devices())'''),
       new_markdown_cell('''\
 ## Two runs: MLAE and LoRA
 
 The same task, backbone and recipe; LoRA (rank 8, alpha = rank) replaces MLAE's masked, adaptive
-coefficients. The MLAE run is the one `quick_start.ipynb` makes (`runs/<task>_mlae`): a finished
-run found in its workdir is reused instead of trained again. Small mode uses the tiny random
-checkpoint of `quick_start.ipynb`.'''),
+coefficients. The MLAE run is the one `quick_start.ipynb` makes (`runs/<task>_mlae_<epochs>ep`):
+a finished run found in its workdir is reused instead of trained again. Small mode uses the tiny
+random checkpoint of `quick_start.ipynb`.'''),
       new_code_cell(RANDOM_CHECKPOINT + '''
 
 
@@ -536,23 +681,40 @@ else:
 ''' + RUN_CONFIG + '''
 
 
+def method_config(method):
+  """The run config of `method`: config itself for MLAE, else LoRA of the same rank."""
+  run_config = config.copy_and_resolve_references()
+  if method == 'lora':
+    run_config.mlae.method = 'lora'  # Scale alpha / r with alpha = r: no masks, no coefficients.
+    run_config.mlae.drop_rate, run_config.mlae.coeff_init = 0.0, 1.0
+  return run_config
+
+
+METHODS = ('mlae', 'lora')
+TO_TRAIN = [method for method in METHODS
+            if not os.path.exists(os.path.join(workdir_of(method), 'results.json'))]
+print('runs to train:', ', '.join(TO_TRAIN) or 'none, both are finished')'''),
+      new_markdown_cell(ESTIMATE_TEXT + ' Each run left to train is timed with its own config.'),
+      new_code_cell(ESTIMATE + '''
+
+if TO_TRAIN:
+  data = build_task_data(config.data)  # Full mode: TFDS downloads and prepares the task once.
+  for method in TO_TRAIN:
+    print(f'{method}:', estimate_training(method_config(method), data).describe())'''),
+      new_code_cell('''\
 def run(method):
   """The workdir of a finished run of `method` on TASK, trained here if needed."""
-  workdir = f'runs/{TASK}_{method}'
-  if not os.path.exists(f'{workdir}/results.json'):
-    run_config = config.copy_and_resolve_references()
-    if method == 'lora':
-      run_config.mlae.method = 'lora'  # Scale alpha / r with alpha = r: no masks, no coefficients.
-      run_config.mlae.drop_rate, run_config.mlae.coeff_init = 0.0, 1.0
-    train_and_evaluate(run_config, workdir)
-  with open(f'{workdir}/results.json') as f:
+  workdir = workdir_of(method)
+  if method in TO_TRAIN:
+    train_on_task(method_config(method), workdir, data)
+  with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   print(f"{method}: final-epoch accuracy {results['final_epoch_accuracy']:.4f} after "
         f"{results['epochs']} epochs ({workdir})")
   return workdir
 
 
-WORKDIRS = {method: run(method) for method in ('mlae', 'lora')}'''),
+WORKDIRS = {method: run(method) for method in METHODS}'''),
       new_markdown_cell('''\
 ## Expert cosine similarity
 

@@ -15,6 +15,7 @@ from mlae_jax.adapters import AdapterConfig
 from mlae_jax.checkpoints import (CheckpointDownloadError, CheckpointError, load_pretrained,
                                   read_npz, resolve_checkpoint, write_npz)
 from mlae_jax.checkpoints import layout
+from mlae_jax.checkpoints.download import download_file
 from mlae_jax.checkpoints.posemb import resize_pos_embedding
 from mlae_jax.model import create_model, get_variant
 from tiny import images, init, tiny_model
@@ -182,3 +183,29 @@ def test_offline_download_fails_with_where_to_put_the_file(tmp_path):
     resolve_checkpoint('ViT-S_16', cache_dir=str(cache))
   with pytest.raises(FileNotFoundError, match='Checkpoint not found'):
     resolve_checkpoint(str(tmp_path / 'nowhere.npz'))
+
+
+def test_simultaneous_downloads_into_one_cache_do_not_collide(local_server, tmp_path):
+  """The hosts of a multi-host job may download the checkpoint into one shared cache at
+  once: each writes its own partial file, and the file in place is always whole."""
+  served, base_url = local_server
+  payload = np.random.default_rng(0).bytes(12 << 20)
+  (served / 'big.npz').write_bytes(payload)
+  target = tmp_path / 'cache' / 'big.npz'
+  errors = []
+
+  def fetch():
+    try:
+      download_file(f'{base_url}/big.npz', str(target))
+    except Exception as error:  # pylint: disable=broad-except
+      errors.append(error)
+
+  threads = [threading.Thread(target=fetch) for _ in range(4)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors, errors
+  assert target.read_bytes() == payload
+  assert os.listdir(target.parent) == ['big.npz']
+  assert os.stat(target).st_mode & 0o777 == 0o644

@@ -305,3 +305,30 @@ def test_manual_datasets_say_what_to_download_and_where(tmp_path):
   with pytest.raises(FileNotFoundError) as error:
     build.build_task_data(_config('dmlab', data_dir=str(tmp_path)))
   assert 'dmlab.tar.gz' in str(error.value) and str(tmp_path) in str(error.value)
+
+
+def test_tensorflow_is_kept_off_accelerators_before_the_first_tfds_call(monkeypatch):
+  """TensorFlow must not reserve GPU memory that JAX trains in: GPUs and TPUs are hidden
+  from it before TFDS opens a builder or builds a pipeline (observable on CPU as the
+  order of the calls)."""
+  events = []
+  hide, builder = tf.config.set_visible_devices, tfds.builder
+
+  def recording_hide(devices, device_type=None):
+    events.append(('hide', device_type, list(devices)))
+    return hide(devices, device_type)
+
+  def recording_builder(*args, **kwargs):
+    events.append(('tfds.builder',))
+    return builder(*args, **kwargs)
+
+  monkeypatch.setattr(tf.config, 'set_visible_devices', recording_hide)
+  monkeypatch.setattr(tfds, 'builder', recording_builder)
+  with mocked_tfds(num_examples=3) as calls:
+    data = build.build_task_data(_config('svhn'))
+    list(data.eval_batches(4))
+  assert len(calls) == 2 and ('tfds.builder',) in events
+  first_tfds = events.index(('tfds.builder',))
+  hidden = {event[1] for event in events[:first_tfds] if event[0] == 'hide' and not event[2]}
+  assert hidden == {'GPU', 'TPU'}, events
+  assert tf.config.get_visible_devices('GPU') == []

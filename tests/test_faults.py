@@ -309,13 +309,13 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_the_rerun_resumes(tmp_pa
 
 
 def test_a_write_error_at_export_time_is_named_and_the_rerun_finishes(tmp_path, monkeypatch):
-  import mlae_jax.training.train as train_module
+  import mlae_jax.training.recorder as recorder_module
 
   def no_space(path, model, params):
     raise OSError(errno.ENOSPC, 'No space left on device', path)
 
   with monkeypatch.context() as patched:
-    patched.setattr(train_module, 'export_merged', no_space)
+    patched.setattr(recorder_module, 'export_merged', no_space)
     with pytest.raises(OutputWriteError, match=r'Cannot write .*export.partial/merged.npz '
                                                r'\(No space left on device\).*training is '
                                                r'checkpointed'):

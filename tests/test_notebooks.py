@@ -3,6 +3,7 @@ notebooks/build_notebooks.py generates (outputs cleared)."""
 
 import importlib.util
 import os
+import re
 import sys
 import time
 
@@ -67,3 +68,5 @@ def test_notebook_runs_in_small_mode(name, tmp_path):
   outputs = ''.join(output.get('text', '') for cell in notebook.cells
                     for output in cell.get('outputs', []))
   assert 'mode: small' in outputs
+  if name != 'pytorch_cross_check':  # The training notebooks measure their runs' time first.
+    assert re.search(r'about \d+ (seconds|minutes) for \d+ epochs on \d+ x \S+ \(', outputs)

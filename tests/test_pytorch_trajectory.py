@@ -30,7 +30,7 @@ from mlae_jax.partition import split_trainable
 from mlae_jax.training.defaults import base_config
 from mlae_jax.training.optimizer import optimizer_from_config
 from mlae_jax.training.steps import AUGMENT_RNG, StepConfig, TrainState, step_rngs, train_step
-from mlae_jax.training.train import create_model_from_config, initial_params
+from mlae_jax.training.run_setup import create_model_from_config, initial_params
 from torch_reference import PaperMLAELinear, set_drop_path_keeps, timm_vit
 
 TOLERANCE = 1e-3

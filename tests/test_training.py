@@ -154,6 +154,8 @@ def test_a_run_writes_metrics_checkpoints_exports_and_results(finished_run):
   assert saved['best_of_evaluations_accuracy'] == max(r['accuracy'] for r in records
                                                       if r['kind'] == 'eval')
   assert saved['num_eval'] == 37 and saved['adapter_params'] == 2 * 4 * (32 + 96 + 1)
+  assert saved['compute_dtype']['name'] == 'float32'  # tiny_config: 'auto', on the CPU.
+  assert 'no native bf16 on CPU' in saved['compute_dtype']['reason']
   exported = read_npz(os.path.join(workdir, 'export', 'adapter.npz'))
   assert all(param_role(k) in ('adapter', 'head') for k in exported)
   with open(os.path.join(workdir, 'export', 'adapter_config.json')) as f:
@@ -288,7 +290,7 @@ def test_exports_reload_in_our_loader_and_in_timm(tmp_path):
   from fake_checkpoint import write_original_npz
   from mlae_jax.checkpoints import load_pretrained
   from mlae_jax.export import load_adapter_export
-  from mlae_jax.training.train import create_model_from_config
+  from mlae_jax.training.run_setup import create_model_from_config
 
   pretrained = tmp_path / 'tiny_in21k.npz'
   write_original_npz(pretrained, hidden=32, mlp=64, heads=4, layers=2, patch=8, image_size=32)

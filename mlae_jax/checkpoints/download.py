@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -53,12 +54,15 @@ def resolve_checkpoint(name_or_path: str, *, cache_dir: str | None = None,
 
 
 def download_file(url: str, target: str, timeout: float = 60.0) -> None:
-  """Streams `url` to `target` via a `.part` file, so an interrupted download never
-  looks complete."""
+  """Streams `url` to `target` via a `.part` file of this download's own, so an interrupted
+  download never looks complete and processes downloading into one shared cache at once
+  (the hosts of a multi-host job) never write into each other's file."""
   from tqdm.auto import tqdm  # Only needed when downloading.
 
   os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-  partial = target + '.part'
+  handle, partial = tempfile.mkstemp(prefix=os.path.basename(target) + '.', suffix='.part',
+                                     dir=os.path.dirname(os.path.abspath(target)))
+  os.close(handle)
   try:
     with urllib.request.urlopen(url, timeout=timeout) as response:
       total = int(response.headers.get('Content-Length') or 0) or None
@@ -71,6 +75,7 @@ def download_file(url: str, target: str, timeout: float = 60.0) -> None:
           bar.update(len(chunk))
     if total is not None and received != total:
       raise OSError(f'received {received} of {total} bytes')
+    os.chmod(partial, 0o644)  # mkstemp's 0600 would hide a shared cache from other users.
     os.replace(partial, target)
   except (urllib.error.URLError, OSError, ValueError) as error:
     if os.path.exists(partial):

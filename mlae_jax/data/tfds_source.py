@@ -66,10 +66,36 @@ def prepare_hint(task: VtabTask, root: str) -> str:
                      manual=f'{root}/downloads/manual', data_dir_flag=f' --data_dir={root}')
 
 
+def hide_accelerators_from_tensorflow() -> None:
+  """Makes GPUs and TPUs invisible to TensorFlow, which TFDS runs its pipelines on, so
+  that TensorFlow never reserves the accelerator memory JAX trains in (as the flax
+  examples do). Must run before TensorFlow first touches its devices; if something
+  else already made it do so, a warning says that TensorFlow may hold memory."""
+  import tensorflow as tf
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except RuntimeError:  # TensorFlow's devices are already initialised.
+      visible = tf.config.get_visible_devices(kind)
+      if visible:
+        logger.warning('TensorFlow initialised its devices before mlae_jax could hide them; '
+                       'it sees %s and may hold their memory. Import and use TensorFlow only '
+                       'after building the data, or set its visible devices to [] yourself.',
+                       ', '.join(d.name for d in visible))
+
+
+def _tfds() -> Any:
+  """tensorflow_datasets (a heavy import, only for this source), with TensorFlow kept off
+  the accelerators first."""
+  hide_accelerators_from_tensorflow()
+  import tensorflow_datasets as tfds
+  return tfds
+
+
 def open_builder(task: VtabTask, data_dir: str | None) -> Any:
   """The TFDS builder of `task` (its fallback version if TFDS cannot build the one VTAB
   used); `data_dir` None means TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)."""
-  import tensorflow_datasets as tfds  # Heavy import, only for this source.
+  tfds = _tfds()
   failures = []
   for name in (task.tfds_name,) + ((task.tfds_fallback,) if task.tfds_fallback else ()):
     try:
@@ -99,7 +125,7 @@ def prepare(builder: Any, task: VtabTask) -> None:
 def split_dataset(builder: Any, task: VtabTask, split: str) -> Any:
   """tf.data.Dataset of the TFDS split string `split`, in stored order, decoding only the
   features the task's rules read."""
-  import tensorflow_datasets as tfds
+  tfds = _tfds()
   try:
     return builder.as_dataset(
         split=split, shuffle_files=False,
@@ -137,7 +163,7 @@ def load_tfds_task(task: VtabTask, *, data_dir: str | None, train_split: str, ev
                    workers: int | None = None) -> TaskData:
   """TaskData of a VTAB task from TFDS: `train_split` and `eval_split` are VTAB split names
   (train800, val200, train800val200, test)."""
-  import tensorflow_datasets as tfds
+  tfds = _tfds()
   builder = open_builder(task, data_dir)
   if download:
     prepare(builder, task)

@@ -32,18 +32,19 @@ class RunCheckpoints:
   """Saves after whole epochs (the checkpoint's number is the epochs completed) and
   restores the newest intact one."""
 
-  def __init__(self, directory: str, keep: int = 2, primary: bool = True):
+  def __init__(self, directory: str, keep: int = 2):
     self.directory = os.path.abspath(directory)
     self._keep = keep
-    self._primary = primary  # Whether this process sets damaged checkpoints aside.
+    os.makedirs(self.directory, exist_ok=True)
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True))
-
-  def latest_epoch(self) -> int | None:
-    return self._manager.latest_step()
+    # This process alone reads and writes them (process 0 of a job of several): no
+    # waiting for the others at orbax's barriers.
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=self._keep, create=False, multiprocessing_options=alone))
 
   def save(self, epoch: int, state: TrainState, history: dict[str, Any]) -> None:
     """Writes the checkpoint after `epoch`; a failed write (full disk, I/O error) is an
@@ -51,7 +52,8 @@ class RunCheckpoints:
     try:
       with _quiet_background_failures():
         self._manager.save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_as_tree(state)), history=ocp.args.JsonSave(history)))
+            state=ocp.args.StandardSave(_as_tree(jax.device_get(state))),
+            history=ocp.args.JsonSave(history)))
         self._manager.wait_until_finished()
     except Exception as error:  # pylint: disable=broad-except  # Orbax wraps OS errors.
       raise OutputWriteError(
@@ -113,10 +115,9 @@ class RunCheckpoints:
       for epoch, why in damaged:
         source = os.path.join(self.directory, str(epoch))
         target = source + DAMAGED_SUFFIX
-        if self._primary:
-          while os.path.exists(target):
-            target += '_'
-          os.replace(source, target)
+        while os.path.exists(target):
+          target += '_'
+        os.replace(source, target)
         message = (f'Checkpoint {source} is damaged ({why}); set aside as {target}, '
                    'resuming from an older one.')
         logging.warning(message)

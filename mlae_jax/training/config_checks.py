@@ -10,9 +10,9 @@ import ml_collections
 from mlae_jax.adapters.config import AdapterConfig, is_number
 from mlae_jax.model.variants import get_variant
 from mlae_jax.training.optimizer import WEIGHT_DECAY_RULES
+from mlae_jax.training.precision import DTYPE_NAMES
 from mlae_jax.training.schedules import SCHEDULES
 
-DTYPES = ('auto', 'float32', 'bfloat16')
 # Baselines a run can be compared with: their changes to `config.mlae`.
 BASELINES = {
     'linear_probe': {'method': 'none'},
@@ -57,7 +57,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'Bad config value config.model.name = {config.model.name!r}: must be a '
                      'name such as ViT-B_16.')
   variant = get_variant(config.model.name)
-  require(config.model.dtype in DTYPES, 'model.dtype', config.model.dtype, f'use one of {DTYPES}')
+  require(config.model.dtype in DTYPE_NAMES, 'model.dtype', config.model.dtype,
+          f'use one of {DTYPE_NAMES}')
   sizes = {}
   for field in _MODEL_SIZES:
     value = config.model[field]

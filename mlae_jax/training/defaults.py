@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Stochastic depth of the last block (block i: rate * i / (depth - 1), as timm);
   # 0.1 as the PyTorch runs (SPT's --drop-path default, NOAH, RepAdapter).
   config.model.drop_path_rate = 0.1
-  config.model.dtype = 'auto'  # bfloat16 compute on GPU/TPU, float32 on CPU.
+  config.model.dtype = 'auto'  # bf16 where native (NVIDIA CC >= 8.0, TPU), else float32.
 
   # The pre-trained backbone: a path to an original .npz, a released model name (read
   # from / downloaded to the cache), or '' to start from random weights.

@@ -28,6 +28,11 @@ class TrainState:
   opt_state: optax.OptState
 
 
+def create_train_state(trainable: Any, tx: optax.GradientTransformation) -> TrainState:
+  """Step 0: the trainable subtree and a fresh optimizer state for it."""
+  return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """The static parts of a step (hashable, so jit can close over them)."""

@@ -4,11 +4,9 @@ imagenet example: pure step functions, and `train_and_evaluate(config, workdir)`
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -17,61 +15,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
-from mlae_jax.adapters.experts import drop_rate_variables
-from mlae_jax.adapters.placement import tuned_paths
-from mlae_jax.checkpoints.download import resolve_checkpoint
-from mlae_jax.checkpoints.pretrained import init_params, load_pretrained
-from mlae_jax.data.augment import train_augmentation
 from mlae_jax.data.task_data import TaskData
-from mlae_jax.export import export_adapters, export_merged
-from mlae_jax.files import read_json, write_json
-from mlae_jax.model.vit import VisionTransformer, create_model
-from mlae_jax.partition import combine, count_params, split_trainable
+from mlae_jax.files import read_json
+from mlae_jax.partition import combine, count_params
 from mlae_jax.training import config_checks, parallel
 from mlae_jax.training import workdir as run_files
-from mlae_jax.training.checkpointing import RunCheckpoints
-from mlae_jax.training.errors import OutputWriteError, TrainingDiverged
-from mlae_jax.training.metrics import MetricsLog, logged_evaluations
-from mlae_jax.training.optimizer import optimizer_from_config
+from mlae_jax.training.errors import TrainingDiverged
+from mlae_jax.training.metrics import logged_evaluations
+from mlae_jax.training.precision import ComputeDtype
+from mlae_jax.training.recorder import RunRecorder
+from mlae_jax.training.run_setup import build_run, global_eval_batch
 from mlae_jax.training.schedules import is_evaluation_epoch
-from mlae_jax.training.steps import (StepConfig, TrainState, epoch_order, jit_eval_step,
-                                    jit_train_step, stack_configs, unstack_configs)
-
-
-def compute_dtype(name: str) -> Any:
-  if name == 'auto':
-    return jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32
-  return jnp.dtype(name)
-
-
-def create_model_from_config(config: ml_collections.ConfigDict,
-                             num_classes: int) -> VisionTransformer:
-  overrides = {field: config.model[field] for field in
-               ('patch_size', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers')
-               if config.model[field] is not None}
-  return create_model(config.model.name, num_classes,
-                      adapter=config_checks.adapter_config(config),
-                      gelu_approximate=config.model.gelu_approximate,
-                      drop_path_rate=float(config.model.drop_path_rate),
-                      dtype=compute_dtype(config.model.dtype), **overrides)
-
-
-def initial_params(config: ml_collections.ConfigDict, model: VisionTransformer,
-                   key: jax.Array, image_size: int) -> dict:
-  """The pre-trained backbone with fresh adapters and head (or all random)."""
-  if not config.pretrained:
-    return init_params(model, key, image_size)
-  path = resolve_checkpoint(config.pretrained, cache_dir=config.cache_dir or None,
-                            download=config.download)
-  return load_pretrained(path, model, rng=key, image_size=image_size)
-
-
-def create_train_state(trainable: Any, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+from mlae_jax.training.steps import unstack_configs
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -177,105 +134,105 @@ def _train_in_workdirs(configs: Sequence[ml_collections.ConfigDict], workdirs: S
   workdirs = [os.fspath(path) for path in workdirs]
   allow_changes = run_files.check_allowed(allow_changes)
   parallel.maybe_initialize_distributed()
-  primary = jax.process_index() == 0  # The process that writes the workdir's files.
   with contextlib.ExitStack() as open_files:
-    changes = []
-    for config, path in zip(configs, workdirs):
-      run_files.prepare(path)
-      if primary:
+
+    def claim() -> dict[str, Any]:
+      """Locks and checks the workdirs (the primary process's work): the allowed config
+      changes, and the results if every run has finished."""
+      changes = []
+      for config, path in zip(configs, workdirs):
+        run_files.prepare(path)
         open_files.enter_context(run_files.locked(path))
-      changes.append(run_files.check_config(path, config, allow_changes))
-    if not any(changes) and all(run_files.results_complete(path) for path in workdirs):
+        changes.append(run_files.check_config(path, config, allow_changes))
+      finished = not any(changes) and all(run_files.results_complete(p) for p in workdirs)
+      return {'changes': changes, 'results': [
+          read_json(os.path.join(p, run_files.RESULTS_FILE)) for p in workdirs]
+              if finished else None}
+
+    claimed = parallel.on_primary(claim)
+    if claimed['results'] is not None:
       _report('Already finished: ' + ', '.join(workdirs) + '.')
-      return [read_json(os.path.join(path, run_files.RESULTS_FILE)) for path in workdirs]
-    data = get_data()
+      return claimed['results']
+    data = parallel.on_every(get_data)  # Each host reads its own copy of the data.
     if data.num_classes < 2:
       raise ValueError(f'Task {data.name!r} has {data.num_classes} class(es); a classifier '
                        'needs at least 2.')
-    return _train(configs, workdirs, data, changes, primary, open_files)
+    return _train(configs, workdirs, data, claimed['changes'], open_files)
 
 
 def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str],
-           data: TaskData, changes: Sequence[Mapping[str, Any]], primary: bool,
+           data: TaskData, changes: Sequence[Mapping[str, Any]],
            open_files: contextlib.ExitStack) -> list[dict[str, Any]]:
   """The training loop of `train_configs_on_task`, in claimed workdirs; `changes` are
-  recorded once the run has resumed, and files opened here close with `open_files`."""
+  recorded once the run has resumed, and files opened here close with `open_files`.
+  Every process of the job runs it; process 0 alone reads and writes the workdirs, in
+  the steps run through `parallel.on_primary` (see RunRecorder)."""
   config, count = configs[0], len(configs)
-  mesh = parallel.make_mesh()
-  devices = mesh.devices.size
-  for field in ('batch_size', 'eval_batch_size'):
-    if config[field] % devices:
-      raise ValueError(f'Bad config value config.{field} = {config[field]}: must be a multiple '
-                       f'of the {devices} devices the batch is split over.')
+  run = parallel.on_every(lambda: build_run(configs, data))
+  states, mesh = run.states, run.mesh
+  primary = jax.process_index() == 0
+  recorders = [open_files.enter_context(contextlib.closing(RunRecorder(
+      w, config.keep_checkpoints))) for w in workdirs]
+  restored_states = []
 
-  num_train = len(data.train_labels)
-  steps_per_epoch = -(-num_train // config.batch_size)
-  image_size = data.train_crop or data.train_images.shape[1]
-  models = [create_model_from_config(c, data.num_classes) for c in configs]
-  init_key, train_key, order_key = jax.random.split(jax.random.key(config.seed), 3)
-  tuned = tuned_paths(models[0].adapter, models[0].num_layers)
-  trainable, frozen = split_trainable(initial_params(config, models[0], init_key, image_size),
-                                      tuned)
-  # Same key, so the same A and head as separate runs; only the coefficients differ.
-  trainables = [_with_coefficients(trainable, c.mlae.coeff_init) for c in configs]
-  tx, schedule = optimizer_from_config(config, trainable, steps_per_epoch)
-  states = [create_train_state(t, tx) for t in trainables]
-
-  checkpoints = [open_files.enter_context(contextlib.closing(RunCheckpoints(
-      os.path.join(w, run_files.CHECKPOINT_DIR), config.keep_checkpoints, primary)))
-                 for w in workdirs]
-  histories: list[dict[str, list]] = [{'train': [], 'eval': []} for _ in configs]
-  restored = [c.restore_latest(s) for c, s in zip(checkpoints, states)]
-  latest = [r[0] if r else 0 for r in restored]
-  if len(set(latest)) > 1:
-    raise ValueError(f'The workdirs were checkpointed after different epochs ({latest}); '
-                     'resume them one at a time (or delete their checkpoints to restart).')
-  start_epoch = latest[0]
-  if start_epoch > config.epochs:
-    raise ValueError(f'{checkpoints[0].directory} holds a checkpoint after epoch {start_epoch}, '
-                     f'beyond config.epochs = {config.epochs}; a run cannot be shortened. Use '
-                     'a new workdir.')
-  if start_epoch:
-    states, histories = [r[1] for r in restored], [r[2] for r in restored]
+  def restore() -> dict[str, Any]:
+    """The epoch to resume after and the histories (the primary process's work)."""
+    restored = [r.restore_latest(s) for r, s in zip(recorders, states)]
+    latest = [r[0] if r else 0 for r in restored]
+    if len(set(latest)) > 1:
+      raise ValueError(f'The workdirs were checkpointed after different epochs ({latest}); '
+                       'resume them one at a time (or delete their checkpoints to restart).')
+    if latest[0] > config.epochs:
+      raise ValueError(f'{recorders[0].checkpoint_dir} holds a checkpoint after epoch '
+                       f'{latest[0]}, beyond config.epochs = {config.epochs}; a run cannot be '
+                       'shortened. Use a new workdir.')
+    if not latest[0]:
+      return {'epoch': 0, 'histories': [{'train': [], 'eval': []} for _ in configs]}
+    restored_states.extend(r[1] for r in restored)
+    histories = [r[2] for r in restored]
     for history, path in zip(histories, workdirs):  # Evaluations made after the checkpoint.
       kept = {r['epoch'] for r in history['eval']}
       history['eval'] = sorted(history['eval'] + [
-          r for r in logged_evaluations(path, start_epoch) if r['epoch'] not in kept],
+          r for r in logged_evaluations(path, latest[0]) if r['epoch'] not in kept],
                                key=lambda r: r['epoch'])
-    _report(f'Resuming from the checkpoint after epoch {start_epoch}.')
-  if primary:
-    for config_k, path, change in zip(configs, workdirs, changes):
-      run_files.record_config(path, config_k, change)
-  logs = [open_files.enter_context(contextlib.closing(MetricsLog(w))) for w in workdirs]
-  for log, history in zip(logs, histories):
-    # As written during training: an epoch's train record, then its evaluation.
-    log.reset(sorted(history['train'] + history['eval'],
-                     key=lambda r: (r['epoch'], r['kind'] != 'train')))
+    return {'epoch': latest[0], 'histories': histories}
 
-  replicated = parallel.replicated(mesh)
-  state = states[0] if count == 1 else stack_configs(states)
-  drop_rates = None if count == 1 else stack_configs([
-      drop_rate_variables(m.layer_experts(), trainable) for m in models])
-  state, frozen, drop_rates = jax.device_put((state, frozen, drop_rates), replicated)
-  images, labels = jax.device_put((data.train_images, data.train_labels), replicated)
-  cfg = StepConfig(models[0], tx, config.batch_size, tuple(data.mean), tuple(data.std),
-                   train_augmentation(data) if data.train_crop else None,
-                   parallel.batch_sharding(mesh))
-  step_fn = jit_train_step(cfg, replicated, count)
-  eval_fn = jit_eval_step(cfg, replicated, count)
-  order_fn = jax.jit(functools.partial(epoch_order, num_examples=num_train,
-                                       batch_size=config.batch_size), out_shardings=replicated)
-  finite_fn = jax.jit(functools.partial(_finite_configs, count=count))
-  step_args = () if count == 1 else (drop_rates,)
+  resumed = parallel.on_primary(restore)
+  start_epoch, histories = resumed['epoch'], resumed['histories']
+  if start_epoch:
+    states = parallel.from_primary(restored_states if primary else states)
+    _report(f'Resuming from the checkpoint after epoch {start_epoch}.')
+
+  def begin() -> None:
+    for recorder, config_k, change, history in zip(recorders, configs, changes, histories):
+      # As written during training: an epoch's train record, then its evaluation.
+      recorder.begin(config_k, change, sorted(history['train'] + history['eval'],
+                                              key=lambda r: (r['epoch'], r['kind'] != 'train')))
+
+  parallel.on_primary(begin)
+  last_saved = start_epoch
+  state, frozen, images, labels, step_args = run.on_devices(states, data)
+  run.frozen = states = restored_states = None  # Only the copies on the devices from here on.
+
+  def write(records: Sequence[dict[str, Any]], run_states: Sequence[Any] = (),
+            epoch: int = 0) -> None:
+    """Logs one record per workdir and checkpoints `run_states` (if given) after `epoch`,
+    on process 0; a failure there ends every process."""
+    def write_there() -> None:
+      for recorder, record in zip(recorders, records):
+        recorder.log(record)
+      for recorder, run_state, history in zip(recorders, run_states, histories):
+        recorder.save(epoch, run_state, history)
+
+    parallel.on_primary(write_there)
 
   def evaluate(epoch: int, step: int) -> None:
     """Evaluates after `epoch` (completed epochs) and records it in every workdir."""
     totals = None
     for batch in data.eval_batches(config.eval_batch_size):
-      sums = eval_fn(state.trainable, frozen, parallel.global_batch(batch.images, mesh),
-                     parallel.global_batch(batch.labels, mesh),
-                     parallel.global_batch(batch.mask, mesh))
+      sums = run.eval_fn(state.trainable, frozen, *global_eval_batch(batch, mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    results = []
     for k, t in enumerate(unstack_configs(jax.device_get(totals), count)):
       if int(t['count']) != data.num_eval:
         raise RuntimeError(f'Evaluated {int(t["count"])} examples, expected {data.num_eval}.')
@@ -289,9 +246,10 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
                 'accuracy': float(t['correct'] / t['count']),
                 'loss': float(t['loss_sum'] / t['count'])}
       histories[k]['eval'].append(result)
-      logs[k].write(result)
+      results.append(result)
       _report(f'epoch {epoch}: eval accuracy {result["accuracy"]:.4f}'
               + (f' ({workdirs[k]})' if count > 1 else ''))
+    write(results)
 
   def due(epoch: int) -> bool:
     return is_evaluation_epoch(epoch - 1, epochs=config.epochs, every=config.eval_every_epochs,
@@ -304,73 +262,72 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
             'evaluation).')
     evaluate(start_epoch, int(jnp.ravel(state.step)[0]))
 
-  bar = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-             unit='step', disable=not config.progress_bar, desc=data.name)
+  bar = tqdm(total=config.epochs * run.steps_per_epoch,
+             initial=start_epoch * run.steps_per_epoch, unit='step',
+             disable=not (config.progress_bar and primary), desc=data.name)
   started = time.time()
   for epoch in range(start_epoch, config.epochs):
     epoch_start = time.time()
-    order = order_fn(jax.random.fold_in(order_key, epoch))
+    order = run.order_fn(jax.random.fold_in(run.order_key, epoch))
     per_step = []
-    for index in range(steps_per_epoch):
-      state, metrics = step_fn(state, frozen, images, labels, order, np.int32(index), train_key,
-                               *step_args)
+    for index in range(run.steps_per_epoch):
+      state, metrics = run.step_fn(state, frozen, images, labels, order, np.int32(index),
+                                   run.train_key, *step_args)
       per_step.append(metrics)
       bar.update()
     # Fetched once per epoch: (steps,) or (steps, K) arrays, and whether each
     # configuration's trained parameters are all finite.
     per_step, finite = jax.device_get((jax.tree.map(lambda *m: jnp.stack(m), *per_step),
-                                       finite_fn(state.trainable)))
+                                       run.finite_fn(state.trainable)))
     seconds = time.time() - epoch_start
     step = int(jnp.ravel(state.step)[0])
-    _check_finite(per_step['loss_sum'], finite, epoch, steps_per_epoch, workdirs, checkpoints,
-                  config)
+    _check_finite(per_step['loss_sum'], finite, epoch, run.steps_per_epoch, recorders,
+                  last_saved, config)
     sums = jax.tree.map(lambda m: m.sum(0), per_step)
+    records = []
     for k, run_sums in enumerate(unstack_configs(sums, count)):
       record = {'kind': 'train', 'epoch': epoch + 1, 'step': step,
                 'loss': float(run_sums['loss_sum'] / run_sums['count']),
                 'accuracy': float(run_sums['correct'] / run_sums['count']),
-                'learning_rate': float(schedule(step - 1)),
-                'images_per_sec': num_train / seconds, 'seconds': seconds}
+                'learning_rate': float(run.schedule(step - 1)),
+                'images_per_sec': run.num_train / seconds, 'seconds': seconds}
       histories[k]['train'].append(record)
-      logs[k].write(record)
-    bar.set_postfix(loss=f'{record["loss"]:.3f}', img_s=f'{count * num_train / seconds:.1f}')
+      records.append(record)
+    bar.set_postfix(loss=f'{record["loss"]:.3f}', img_s=f'{count * run.num_train / seconds:.1f}')
     # The checkpoint comes first: an evaluation that fails loses no training.
     if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.epochs:
-      for k, run_state in enumerate(unstack_configs(state, count)):
-        checkpoints[k].save(epoch + 1, run_state, histories[k])
+      write(records, unstack_configs(state, count), epoch + 1)  # Sliced on every process.
+      last_saved = epoch + 1
+    else:
+      write(records)
     if due(epoch + 1):
       evaluate(epoch + 1, step)
   bar.close()
 
-  results = []
+  results, final_params = [], []
   final_frozen = jax.device_get(frozen)
   for k, run_state in enumerate(unstack_configs(jax.device_get(state), count)):
-    final_params = combine(run_state.trainable, final_frozen)
-    record = _results(configs[k], data, final_params, tuned, histories[k],
-                      time.time() - started)
+    final_params.append(combine(run_state.trainable, final_frozen))
+    record = _results(configs[k], data, final_params[k], run.tuned, histories[k],
+                      time.time() - started, run.precision)
     record['configs_at_once'] = count
-    record['config_changes'] = run_files.recorded_changes(workdirs[k])
-    _export(configs[k], workdirs[k], models[k], final_params, data, image_size)
-    _write_output(os.path.join(workdirs[k], run_files.RESULTS_FILE),
-                  lambda path: write_json(path, record))
     results.append(record)
+  recorded = parallel.on_primary(lambda: [
+      r.finish(c, record, model, params, data, run.image_size) for r, c, record, model, params
+      in zip(recorders, configs, results, run.models, final_params)])
+  for record, changes_k in zip(results, recorded):  # Also where process 0 did not write.
+    record['config_changes'] = changes_k
   return results
 
 
-def _finite_configs(trainable: Any, count: int) -> jax.Array:
-  """(K,) bools: whether every trained parameter of each configuration is finite (K = 1:
-  leaves without a config axis, read as one row)."""
-  return jnp.stack([jnp.isfinite(leaf).reshape(count, -1).all(1)
-                    for leaf in jax.tree.leaves(trainable)]).all(0)
-
-
 def _check_finite(losses: np.ndarray, finite: np.ndarray, epoch: int, steps_per_epoch: int,
-                  workdirs: Sequence[str], checkpoints: Sequence[RunCheckpoints],
+                  recorders: Sequence[RunRecorder], good: int,
                   config: ml_collections.ConfigDict) -> None:
   """Raises TrainingDiverged, naming the epoch, the first bad step and the last good
-  checkpoint, if a loss of this epoch or a trained parameter is not finite."""
+  checkpoint (after epoch `good`; 0: none), if a loss of this epoch or a trained parameter
+  is not finite. Every process reaches the same verdict from the same global values."""
   losses = losses.reshape(steps_per_epoch, -1)
-  for k, path in enumerate(workdirs):
+  for k, recorder in enumerate(recorders):
     bad_steps = np.flatnonzero(~np.isfinite(losses[:, k]))
     if not len(bad_steps) and finite[k]:
       continue
@@ -380,31 +337,13 @@ def _check_finite(losses: np.ndarray, finite: np.ndarray, epoch: int, steps_per_
     else:
       index = steps_per_epoch - 1
       what = 'a trained parameter became NaN or infinite'
-    good = checkpoints[k].latest_epoch()
-    where = (f'the last good checkpoint is {checkpoints[k].directory}/{good} (after epoch {good})'
+    where = (f'the last good checkpoint is {recorder.checkpoint_dir}/{good} (after epoch {good})'
              if good else 'no checkpoint was written before it')
     raise TrainingDiverged(
-        f'Training in {path} diverged: {what} at epoch {epoch + 1}, step '
+        f'Training in {recorder.workdir} diverged: {what} at epoch {epoch + 1}, step '
         f'{epoch * steps_per_epoch + index + 1}. Nothing of the diverged state was saved or '
         f'exported; {where}. Lower config.learning_rate (now {config.learning_rate:g}) or set '
         'config.grad_clip_norm, in a new workdir.')
-
-
-def _write_output(path: str, write: Callable[[str], None]) -> None:
-  """Writes one output file; a failure is an OutputWriteError naming it."""
-  try:
-    write(path)
-  except OSError as error:
-    raise OutputWriteError(
-        f'Cannot write {path} ({error.strerror or error}). Free disk space or fix the folder, '
-        'then re-run the same command: training is checkpointed and is not repeated.') from error
-
-
-def _with_coefficients(trainable: dict, coeff_init: float) -> dict:
-  """`trainable` with every MLAE coefficient vector reset to `coeff_init`."""
-  flat = flatten_dict(trainable, sep='/')
-  return unflatten_dict({path: jnp.full_like(leaf, coeff_init) if path.endswith('/coeff')
-                         else leaf for path, leaf in flat.items()}, sep='/')
 
 
 def _report(message: str) -> None:
@@ -414,7 +353,8 @@ def _report(message: str) -> None:
 
 
 def _results(config, data: TaskData, params: Any, tuned: frozenset[str],
-             history: dict[str, list], seconds: float) -> dict[str, Any]:
+             history: dict[str, list], seconds: float,
+             precision: ComputeDtype) -> dict[str, Any]:
   evaluations = history['eval']
   best = max(evaluations, key=lambda r: r['accuracy'])
   counts = count_params(params, tuned)
@@ -439,24 +379,7 @@ def _results(config, data: TaskData, params: Any, tuned: frozenset[str],
       'train_images_per_sec_median': float(np.median(train_speeds)) if train_speeds else None,
       'wall_seconds_this_session': seconds,
       'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'processes': jax.process_count(),
+      'compute_dtype': precision.record(),
   }
 
-
-def _export(config, workdir: str, model: VisionTransformer, params: Any, data: TaskData,
-            image_size: int) -> None:
-  """Writes the exports into a partial folder, then puts it in place of export/: never a
-  mix of two runs' files."""
-  final = os.path.join(workdir, run_files.EXPORT_DIR)
-  partial = final + '.partial'
-  shutil.rmtree(partial, ignore_errors=True)
-  extra = {'task': data.name, 'image_size': image_size, 'mean': list(data.mean),
-           'std': list(data.std), 'pretrained': config.pretrained}
-  if model.adapter is not None:
-    _write_output(partial, lambda path: export_adapters(path, model, params, extra))
-  if config.export_merged:
-    _write_output(os.path.join(partial, 'merged.npz'),
-                  lambda path: export_merged(path, model, params))
-  if not os.path.isdir(partial):
-    return
-  shutil.rmtree(final, ignore_errors=True)
-  os.replace(partial, final)
