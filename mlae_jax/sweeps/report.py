@@ -14,7 +14,7 @@ import os
 from typing import Sequence
 
 from mlae_jax.sweeps import paper
-from mlae_jax.sweeps.results import METRIC_LABELS, Row, Stat, Table
+from mlae_jax.sweeps.table import METRIC_LABELS, Row, Stat, Table
 
 MISSING = 'missing'
 INCOMPLETE = 'incomplete'
