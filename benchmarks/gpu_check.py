@@ -187,13 +187,12 @@ def time_jax(jax_side: ModuleType, setup: argparse.Namespace) -> dict:
 def vtab_estimate(record: dict, test_images: int) -> dict:
   """Minutes of one VTAB-1k task under the training recipe, from the measured steps."""
   from mlae_jax.training.defaults import base_config
-  from mlae_jax.training.schedules import is_evaluation_epoch
+  from mlae_jax.training.schedules import evaluation_count
 
   config = base_config()
   steps = -(-VTAB_1K_TRAIN_IMAGES // config.batch_size)
-  evaluations = sum(is_evaluation_epoch(e, epochs=config.epochs, every=config.eval_every_epochs,
-                                        last=config.eval_last_epochs)
-                    for e in range(config.epochs))
+  evaluations = evaluation_count(epochs=config.epochs, every=config.eval_every_epochs,
+                                 last=config.eval_last_epochs)
   train = config.epochs * steps * record['jax_train_step_s'] / 60
   evaluation = evaluations * test_images / record['jax_eval_images_per_s'] / 60
   estimate = {

@@ -15,7 +15,7 @@ import numpy as np
 
 from mlae_jax.data.task_data import TaskData
 from mlae_jax.training.run_setup import build_run, global_eval_batch
-from mlae_jax.training.schedules import is_evaluation_epoch
+from mlae_jax.training.schedules import evaluation_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +75,8 @@ def estimate_training(config: ml_collections.ConfigDict, data: TaskData,
 
   train_first, train_seconds = _first_and_median(train, repeats)
   eval_first, eval_seconds = _first_and_median(evaluate, repeats)
-  evaluations = sum(is_evaluation_epoch(epoch, epochs=config.epochs,
-                                        every=config.eval_every_epochs,
-                                        last=config.eval_last_epochs)
-                    for epoch in range(config.epochs))
+  evaluations = evaluation_count(epochs=config.epochs, every=config.eval_every_epochs,
+                                 last=config.eval_last_epochs)
   return RunEstimate(
       epochs=config.epochs, device=f'{jax.device_count()} x {jax.devices()[0].device_kind}',
       train_step_seconds=train_seconds, train_steps=config.epochs * run.steps_per_epoch,

@@ -69,3 +69,9 @@ def is_evaluation_epoch(epoch: int, *, epochs: int, every: int, last: int) -> bo
   """
   return epoch % every == 0 or epoch >= epochs - last or epoch == epochs - 1
 
+
+
+def evaluation_count(*, epochs: int, every: int, last: int) -> int:
+  """How many evaluations a run of `epochs` epochs makes (see is_evaluation_epoch)."""
+  return sum(is_evaluation_epoch(e, epochs=epochs, every=every, last=last)
+             for e in range(epochs))
