@@ -186,10 +186,11 @@ def time_jax(jax_side: ModuleType, setup: argparse.Namespace) -> dict:
 
 def vtab_estimate(record: dict, test_images: int) -> dict:
   """Minutes of one VTAB-1k task under the training recipe, from the measured steps."""
+  from mlae_jax.training import config_checks
   from mlae_jax.training.defaults import base_config
   from mlae_jax.training.schedules import evaluation_count
 
-  config = base_config()
+  config = config_checks.resolve(base_config())  # MLAE's VTAB-1k recipe.
   steps = -(-VTAB_1K_TRAIN_IMAGES // config.batch_size)
   evaluations = evaluation_count(epochs=config.epochs, every=config.eval_every_epochs,
                                  last=config.eval_last_epochs)

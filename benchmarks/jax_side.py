@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlae_jax.adapters.config import AdapterConfig
+from mlae_jax.adapters import Method, Mlae, create
 from mlae_jax.adapters.experts import drop_rate_variables
 from mlae_jax.adapters.merge import merge_adapters
 from mlae_jax.checkpoints.pretrained import init_params
 from mlae_jax.model.vit import VisionTransformer, create_model
-from mlae_jax.partition import combine, split_trainable
+from mlae_jax.partition import combine, count_params, split_trainable
 from mlae_jax.training import parallel
 from mlae_jax.training.optimizer import make_optimizer
 from mlae_jax.training.precision import choose_compute_dtype
@@ -36,18 +36,27 @@ def device_peak() -> int | None:
   return stats.get('peak_bytes_in_use') if stats else None
 
 
+def method_of(args: argparse.Namespace) -> Method:
+  """The benchmarked method: MLAE from --targets, --rank and --drop_rate, or --method
+  with its --field values."""
+  if args.method == 'mlae':
+    return Mlae(targets=tuple(args.targets.split(',')), rank=args.rank, drop_rate=args.drop_rate,
+                **args.fields)
+  return create(args.method, args.fields)
+
+
 def prepare(args: argparse.Namespace, record: dict,
             merged: bool = True) -> tuple[dict[str, Callable], dict]:
   """Calls of our train step, eval step, merged and plain eval steps (those two only
-  with `merged`) and the K-configurations train step for --configs K, each blocking on
-  its result."""
+  with `merged`, the merged one for mergeable methods) and the K-configurations train
+  step for --configs K (MLAE), each blocking on its result."""
   dtype = choose_compute_dtype(args.dtype).dtype
-  adapter = AdapterConfig(targets=tuple(args.targets.split(',')), rank=args.rank,
-                          drop_rate=args.drop_rate)
+  adapter = method_of(args)
   overrides = {'num_layers': args.layers} if args.layers else {}
   model = create_model(args.model, args.num_classes, adapter=adapter, dtype=dtype, **overrides)
   params = init_params(model, jax.random.key(0), args.image_size)
-  trainable, frozen = split_trainable(params)
+  tuned = adapter.trained_patterns(model.num_layers)
+  trainable, frozen = split_trainable(params, tuned)
   tx = make_optimizer(optax.constant_schedule(1e-3), weight_decay=1e-4, grad_clip_norm=None)
 
   mesh = parallel.make_mesh()
@@ -77,38 +86,49 @@ def prepare(args: argparse.Namespace, record: dict,
       jax.block_until_ready(metrics)
     return call
 
-  # The train steps donate their state: they get copies of the trainable leaves.
-  state = jax.device_put(create_train_state(jax.tree.map(jnp.copy, trainable), tx), replicated)
+  # The train steps donate their state: they get copies of the trainable leaves. K = 1:
+  # the states and drop rates carry a leading axis of 1, as in training.
+  state = stack_configs([create_train_state(jax.tree.map(jnp.copy, trainable), tx)])
+  drop_rates = stack_configs([drop_rate_variables(adapter.layer_experts(model.num_layers),
+                                                  trainable) if isinstance(adapter, Mlae) else {}])
   eval_fn = jit_eval_step(cfg, replicated)
+  stacked_trainable = stack_configs([trainable])
   calls = {
-      'jax_train': train_call(jit_train_step(cfg, replicated), state),
-      'jax_eval': lambda: jax.block_until_ready(eval_fn(trainable, frozen, *eval_batch)),
+      'jax_train': train_call(jit_train_step(cfg, replicated),
+                              *jax.device_put((state, drop_rates), replicated)),
+      'jax_eval': lambda: jax.block_until_ready(
+          eval_fn(stacked_trainable, frozen, *eval_batch)),
   }
   if args.configs > 1:
     rates = np.linspace(0.0, 0.9, args.configs)
-    models = [model.clone(adapter=AdapterConfig(
+    models = [model.clone(adapter=Mlae(
         targets=adapter.targets, rank=args.rank, drop_rate=float(p))) for p in rates]
     stacked = stack_configs([create_train_state(trainable, tx)] * args.configs)
-    drop_rates = stack_configs([drop_rate_variables(m.layer_experts(), trainable)
+    drop_rates = stack_configs([drop_rate_variables(m.adapter.layer_experts(m.num_layers), trainable)
                                 for m in models])
     calls['jax_train_configs'] = train_call(
         jit_train_step(cfg, replicated, args.configs, args.configs_per_pass),
         *jax.device_put((stacked, drop_rates), replicated))
 
-  if merged:
+  if merged and adapter.MERGEABLE:
     merged_model, merged_params = merge_adapters(model, jax.device_get(combine(frozen, trainable)))
     calls['jax_merged_eval'] = _eval_call(merged_model, merged_params, eval_batch, replicated)
+  if merged:
     plain_model = create_model(args.model, args.num_classes, dtype=dtype, **overrides)
     calls['jax_plain_eval'] = _eval_call(
         plain_model, init_params(plain_model, jax.random.key(0), args.image_size), eval_batch,
         replicated)
+  counts = count_params(params, tuned)
   info = {'device': f'{jax.devices()[0].device_kind} x{len(jax.devices())} '
                     f'({jax.default_backend()})',
-          'dtype': jnp.dtype(dtype).name, 'jax_version': jax.__version__}
+          'dtype': jnp.dtype(dtype).name, 'jax_version': jax.__version__,
+          'method': adapter.NAME, 'mergeable': adapter.MERGEABLE,
+          'trainable_params_without_head': counts['adapter'] + counts['tuned']}
   return calls, info
 
 
 def _eval_call(model: VisionTransformer, params: dict, batch: list, replicated) -> Callable:
-  trainable, frozen = jax.device_put(split_trainable(params), replicated)
+  trainable, frozen = split_trainable(params)
+  trainable, frozen = jax.device_put((stack_configs([trainable]), frozen), replicated)
   eval_fn = jit_eval_step(StepConfig(model, None, batch[0].shape[0], MEAN, STD), replicated)
   return lambda: jax.block_until_ready(eval_fn(trainable, frozen, *batch))

@@ -11,11 +11,16 @@ meter; then every step is timed in interleaved rounds and the median of
 
   python benchmarks/throughput.py --model=ViT-B_16 --batch=8
   python benchmarks/throughput.py --model=ViT-Ti_16 --image_size=32 --layers=2 --skip-torch
+  python benchmarks/throughput.py --method=vpt_deep --field=num_tokens=50 --skip-torch
+
+Another method than MLAE (--method, its fields by --field) is timed on our side only
+(the PyTorch side is the MLAE reference); benchmarks/methods.py makes a row per method.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -36,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--rank', type=int, default=8, help='Experts per adapted layer.')
   p.add_argument('--drop_rate', type=float, default=0.5, help='Expert dropout p.')
   p.add_argument('--targets', default='qkv', help='Comma-separated adapter targets (ours).')
+  p.add_argument('--method', default='mlae', help='The method (mlae_jax.adapters.METHODS); '
+                 '--rank, --drop_rate and --targets apply to MLAE.')
+  p.add_argument('--field', action='append', default=[], metavar='NAME=VALUE',
+                 help='A field of the method (a Python literal), e.g. num_tokens=50.')
   p.add_argument('--dtype', default='auto', help="Compute dtype: 'auto' (bf16 on GPU), "
                  "'float32' or 'bfloat16'; the PyTorch side uses autocast for bf16.")
   p.add_argument('--configs', type=int, default=1,
@@ -48,6 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--skip-torch', dest='skip_torch', action='store_true',
                  help='Time our side only (machines without PyTorch).')
   args = p.parse_args(argv)
+  args.fields = {}
+  for item in args.field:
+    name, _, value = item.partition('=')
+    try:
+      args.fields[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      p.error(f'--field {item!r}: give NAME=VALUE with a Python literal value.')
+  if args.method != 'mlae' and not args.skip_torch:
+    p.error(f'The PyTorch side is the MLAE reference; time --method={args.method} with '
+            '--skip-torch.')
   for field in ('batch', 'image_size', 'rank', 'repeats', 'configs'):
     if getattr(args, field) < 1:
       p.error(f'--{field} must be >= 1, got {getattr(args, field)}.')
@@ -125,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   record = {'model': args.model, 'image_size': args.image_size, 'layers': args.layers,
             'batch': args.batch, 'rank': args.rank, 'drop_rate': args.drop_rate,
-            'targets': args.targets, 'host': f'{platform.machine()} {os.cpu_count()} cores',
+            'targets': args.targets, 'fields': args.fields, 'host': f'{platform.machine()} {os.cpu_count()} cores',
             'malloc': preloaded_malloc(), 'repeats': args.repeats}
   sides = [jax_side] + ([] if args.skip_torch else [torch_side])
   calls: dict[str, Callable[[], object]] = {}
@@ -145,9 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
                        for name, s in seconds.items()}
   record.update({f'{name}_img_s': value for name, value in images_per_second.items()})
   # Speed ratios (> 1: the first named is faster).
-  merged = seconds['jax_merged_eval']
-  record['merged_vs_unmerged_eval_ratio'] = round(seconds['jax_eval'] / merged, 3)
-  record['merged_vs_plain_eval_ratio'] = round(seconds['jax_plain_eval'] / merged, 3)
+  if 'jax_merged_eval' in seconds:
+    merged = seconds['jax_merged_eval']
+    record['merged_vs_unmerged_eval_ratio'] = round(seconds['jax_eval'] / merged, 3)
+    record['merged_vs_plain_eval_ratio'] = round(seconds['jax_plain_eval'] / merged, 3)
   if args.configs > 1:
     # K sequential runs take K single steps per batch; K at once take one vmapped step.
     record['configs_at_once'] = args.configs

@@ -13,7 +13,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from mlae_jax.model.variants import get_variant
+from mlae_jax.checkpoints.variants import get_variant
 
 NAME = 'torch'
 

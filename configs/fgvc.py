@@ -1,6 +1,8 @@
-"""FGVC with MLAE on ViT-B/16: `--config=configs/fgvc.py:<dataset>`.
+"""FGVC on ViT-B/16: `--config=configs/fgvc.py:<dataset>`, MLAE unless
+`--config.adapter.method=<method>` names another (see mlae_jax.adapters).
 
-300 epochs on VPT's train split, evaluated on test; train images are cropped and
+MLAE trains 300 epochs (other methods their paper's recipe) on VPT's train split,
+evaluated on test; train images are cropped and
 flipped at random (VPT's resize-256 / crop-224 protocol). The paper gives no
 per-dataset p or coefficient for FGVC; these use its best VTAB-wide values
 (p = 0.5, coefficient 1; Tables 14-15). Training follows base_config's recipe of the
@@ -22,7 +24,6 @@ def get_config(dataset: str = ''):
   config.data.task = dataset
   config.data.train_split = 'train'
   config.data.eval_split = 'test'
-  config.mlae.drop_rate = 0.5
-  config.mlae.coeff_init = 1.0
-  config.epochs = 300
+  config.adapter.mlae.drop_rate = 0.5
+  config.adapter.mlae.coeff_init = 1.0
   return config

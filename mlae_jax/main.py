@@ -1,7 +1,12 @@
-r"""Fine-tunes a ViT with MLAE on one task.
+r"""Fine-tunes a ViT with a PEFT method (MLAE by default) on one task.
 
   python -m mlae_jax.main --config=configs/vtab.py:svhn --workdir=runs/svhn \
-      --config.mlae.drop_rate=0.3
+      --config.adapter.mlae.drop_rate=0.3
+  python -m mlae_jax.main --config=configs/vtab.py:svhn --workdir=runs/svhn_lora \
+      --config.adapter.method=lora --config.adapter.lora.targets="('query','value')"
+
+Each method trains with its paper's epochs, learning rate and weight decay unless the
+command line sets them (--config.epochs=..., --config.learning_rate=...).
 
 Re-running the same command resumes from the latest intact checkpoint in the workdir.
 A problem (bad config, missing file, full disk, diverged training, a workdir holding

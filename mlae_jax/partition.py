@@ -1,13 +1,15 @@
 """What is trained and what is frozen, decided from parameter paths.
 
 Adapters (any subtree named `adapter_*`) and the classifier `head` are trained;
-so are the backbone leaves named in `tuned` (exact '/'-joined paths, e.g. the biases
-of adapted layers: `mlae_jax.adapters.placement.tuned_paths`); everything else is
-the frozen backbone of the pre-trained checkpoint.
+so are the backbone leaves whose '/'-joined paths match one of the regular expressions
+in `tuned` (whole-path matches: a method's `trained_patterns`, e.g. '.*/bias' for
+BitFit); everything else is the frozen backbone of the pre-trained checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Collection, Mapping
 
 import jax
@@ -18,15 +20,21 @@ ADAPTER_PREFIX = 'adapter_'
 ROLES = ('adapter', 'head', 'tuned', 'backbone')
 
 
+@functools.lru_cache(maxsize=64)
+def _matcher(patterns: tuple[str, ...]) -> re.Pattern | None:
+  return re.compile('|'.join(f'(?:{p})' for p in patterns)) if patterns else None
+
+
 def param_role(path: str, tuned: Collection[str] = ()) -> str:
-  """'adapter', 'head', 'tuned' (a backbone leaf trained in place, listed in `tuned`)
-  or 'backbone' for a '/'-joined parameter path."""
+  """'adapter', 'head', 'tuned' (a backbone leaf trained in place: its path matches a
+  pattern of `tuned`) or 'backbone' for a '/'-joined parameter path."""
   parts = path.split('/')
   if any(part.startswith(ADAPTER_PREFIX) for part in parts):
     return 'adapter'
   if parts[0] == 'head':
     return 'head'
-  if path in tuned:
+  matcher = _matcher(tuple(tuned))
+  if matcher is not None and matcher.fullmatch(path):
     return 'tuned'
   return 'backbone'
 

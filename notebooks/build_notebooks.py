@@ -230,8 +230,8 @@ if SMALL:
   config.data.source = 'synthetic'  # Tinted noise images, learnable in a few steps.
   config.data.image_size = IMAGE_SIZE
   config.data.num_classes, config.data.num_train, config.data.num_eval = 8, 80, 80
-  config.mlae.rank = 8
-  config.mlae.drop_rate, config.mlae.coeff_init = 0.5, 1.0
+  config.adapter.mlae.rank = 8
+  config.adapter.mlae.drop_rate, config.adapter.mlae.coeff_init = 0.5, 1.0
   config.epochs, config.warmup_epochs, config.eval_every_epochs = 8, 0, 1
   config.checkpoint_every_epochs = 8
   config.batch_size, config.eval_batch_size = 16, 40
@@ -244,7 +244,7 @@ else:
   config.data.task = TASK
   config.data.train_split, config.data.eval_split = 'train800val200', 'test'
   config.data.download = True  # Let TFDS download and prepare the dataset.
-  config.mlae.drop_rate, config.mlae.coeff_init = TABLE_10[TASK]
+  config.adapter.mlae.drop_rate, config.adapter.mlae.coeff_init = TABLE_10[TASK]
   config.epochs = EPOCHS  # The settings cell's (500: the paper's schedule).
 config.pretrained = CHECKPOINT
 
@@ -330,7 +330,7 @@ and coefficient init, as `configs/vtab.py` does
 WORKDIR = workdir_of('mlae')
 print(f'{config.model.name} on {TASK}, {config.epochs} epochs, batch {config.batch_size}, '
       f'lr {config.learning_rate}; workdir {WORKDIR}')
-print('adapter:', config.mlae.to_dict())'''),
+print('adapter:', config.adapter.mlae.to_dict())'''),
       new_markdown_cell(ESTIMATE_TEXT + ' A resumed run trains only the epochs left.'),
       new_code_cell(ESTIMATE + '''
 
@@ -441,7 +441,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlae_jax.adapters import AdapterConfig
+from mlae_jax.adapters import Mlae
 from mlae_jax.adapters.torch_layout import export_torch_state, import_torch_state
 from mlae_jax.checkpoints import layout, load_pretrained, resolve_checkpoint
 from mlae_jax.model import create_model
@@ -539,7 +539,7 @@ class MLAELinear(torch.nn.Module):
     return self.base(x) + ((x @ self.lora_A.T) * lamda) @ self.lora_B
 
 
-adapter = AdapterConfig(rank=RANK, drop_rate=0.5, coeff_init=4.0)  # SVHN's Table 10 setting.
+adapter = Mlae(rank=RANK, drop_rate=0.5, coeff_init=4.0)  # SVHN's Table 10 setting.
 mlae_model = model.clone(adapter=adapter)
 mlae_params = load_pretrained(CHECKPOINT, mlae_model, rng=jax.random.key(1), image_size=IMAGE_SIZE)
 flat = layout.flatten(mlae_params)
@@ -682,11 +682,11 @@ else:
 
 
 def method_config(method):
-  """The run config of `method`: config itself for MLAE, else LoRA of the same rank."""
+  """The run config of `method`: config itself for MLAE, else LoRA of the same rank (scale
+  alpha / r with alpha = r: no masks, no coefficients)."""
   run_config = config.copy_and_resolve_references()
-  if method == 'lora':
-    run_config.mlae.method = 'lora'  # Scale alpha / r with alpha = r: no masks, no coefficients.
-    run_config.mlae.drop_rate, run_config.mlae.coeff_init = 0.0, 1.0
+  run_config.adapter.method = method
+  run_config.adapter.lora.rank = config.adapter.mlae.rank
   return run_config
 
 

@@ -4,9 +4,8 @@ forms every expert's d_in x d_out matrix."""
 import numpy as np
 import pytest
 
-from mlae_jax.adapters import AdapterConfig, lora
-from mlae_jax.adapters.experts import expert_coefficients
-from mlae_jax.adapters.placement import adapter_scope
+from mlae_jax.adapters import Lora, Mlae
+from mlae_jax.adapters.sites import Site, adapter_scope
 from mlae_jax.analysis import expert_cosine_matrix, expert_similarity, export_similarity
 from mlae_jax.checkpoints.layout import flatten
 from mlae_jax.export import export_adapters
@@ -70,7 +69,7 @@ def test_zero_experts_are_undefined_and_skipped():
   m = expert_cosine_matrix(a, b, [1.0, 1.0, 1.0, 0.0])  # Expert 2: B = 0; expert 3: c = 0.
   assert np.isnan(m[2]).all() and np.isnan(m[:, 3]).all()
   np.testing.assert_allclose(m[:2, :2], direct_cosines(a[:2], b[:2]), atol=1e-12)
-  model = tiny_model(AdapterConfig(rank=4))
+  model = tiny_model(Mlae(rank=4))
   similarity = expert_similarity(model, init(model))  # B = 0 at init: nothing defined.
   assert np.isnan(similarity.mean())
 
@@ -78,20 +77,21 @@ def test_zero_experts_are_undefined_and_skipped():
 def _direct_model_similarity(model, params, include_coeff=True):
   flat = flatten(params)
   out = {}
-  for layer, settings in enumerate(model.layer_experts()):
+  for layer, settings in enumerate(model.adapter.layer_experts(model.num_layers)):
     for target in model.adapter.targets:
-      scope = adapter_scope(layer, target)
-      coeff = np.asarray(expert_coefficients(settings, flat.get(f'{scope}/coeff')))
+      scope = adapter_scope(Site(target, layer))
+      coeff = np.asarray(flat.get(f'{scope}/coeff', np.full(settings.experts,
+                                                            settings.coeff_init)))
       out[layer, target] = direct_cosines(flat[f'{scope}/A'], flat[f'{scope}/B'],
                                           coeff if include_coeff else None)
   return out
 
 
 ADAPTERS = {
-    'mlae': AdapterConfig(rank=4, drop_rate=0.5, coeff_init=2.0),
-    'mlae_two_targets': AdapterConfig(targets=('qkv', 'fc1'), rank=3),
-    'mlae_frozen_coeff': AdapterConfig(rank=3, adaptive_coeff=False, coeff_init=-0.5),
-    'lora': lora(rank=4, alpha=8),
+    'mlae': Mlae(rank=4, drop_rate=0.5, coeff_init=2.0),
+    'mlae_two_targets': Mlae(targets=('qkv', 'fc1'), rank=3),
+    'mlae_frozen_coeff': Mlae(rank=3, adaptive_coeff=False, coeff_init=-0.5),
+    'lora': Lora(rank=4, alpha=8),
 }
 
 
@@ -111,12 +111,12 @@ def test_model_similarity_matches_direct(name, include_coeff):
     np.testing.assert_allclose(list(similarity.block_means(target).values()), block_means,
                                atol=1e-6)
     np.testing.assert_allclose(similarity.mean(target), np.mean(block_means), atol=1e-6)
-    rank = model.layer_experts()[0].experts
+    rank = model.adapter.layer_experts(model.num_layers)[0].experts
     assert similarity.stacked(target).shape == (model.num_layers, rank, rank)
 
 
 def test_fixed_masks_weigh_every_block_equally():
-  model = tiny_model(AdapterConfig(mask='fixed', pattern='hourglass'), num_layers=12)
+  model = tiny_model(Mlae(mask='fixed', pattern='hourglass'), num_layers=12)
   params = randomize(init(model))
   similarity = expert_similarity(model, params)
   sizes = [similarity.matrices[layer, 'qkv'].shape[0] for layer in range(12)]
@@ -128,7 +128,7 @@ def test_fixed_masks_weigh_every_block_equally():
 
 
 def test_export_gives_the_same_similarity(tmp_path):
-  model = tiny_model(AdapterConfig(rank=4, drop_rate=0.5, coeff_init=2.0))
+  model = tiny_model(Mlae(rank=4, drop_rate=0.5, coeff_init=2.0))
   params = randomize(init(model))
   export_adapters(str(tmp_path), model, params)
   from_export = export_similarity(tmp_path)
@@ -140,5 +140,5 @@ def test_export_gives_the_same_similarity(tmp_path):
 
 def test_model_without_adapters_is_rejected():
   model = tiny_model()
-  with pytest.raises(ValueError, match='no adapters'):
+  with pytest.raises(ValueError, match='defined for MLAE and LoRA adapters; the model has none'):
     expert_similarity(model, init(model))

@@ -7,7 +7,7 @@ import pytest
 
 from tiny import TINY
 
-from mlae_jax.adapters.config import AdapterConfig
+from mlae_jax.adapters import Mlae
 from mlae_jax.adapters.experts import MASK_RNG
 from mlae_jax.checkpoints.pretrained import init_params
 from mlae_jax.model.attention import dot_product_attention
@@ -29,13 +29,13 @@ def test_attention_matches_jax_nn_values_and_gradients(query_tokens):
 
 @pytest.mark.parametrize('targets', [('qkv',), ('query', 'key', 'value', 'out', 'fc1', 'fc2')])
 def test_class_token_only_last_block_changes_nothing(targets):
-  adapter = AdapterConfig(targets=targets, rank=3, drop_rate=0.5)
+  adapter = Mlae(targets=targets, rank=3, drop_rate=0.5)
   model = create_model('ViT-Ti_16', 5, adapter=adapter, **TINY)
   params = init_params(model, jax.random.key(1), 32)
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
   tokens = jax.random.normal(jax.random.key(3), (2, 17, model.hidden_size))
   encoder = dict(num_heads=model.num_heads, mlp_dim=model.mlp_dim, gelu_approximate=False,
-                 adapters=targets, layer_experts=model.layer_experts())
+                 adapt=model.adaptation())
   rngs = {MASK_RNG: jax.random.key(4)}
 
   def run(class_token_only, x):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fake_checkpoint import original_vit_shapes, random_arrays, write_original_npz
-from mlae_jax.adapters import AdapterConfig
+from mlae_jax.adapters import Mlae
 from mlae_jax.checkpoints import (CheckpointDownloadError, CheckpointError, load_pretrained,
                                   read_npz, resolve_checkpoint, write_npz)
 from mlae_jax.checkpoints import layout
@@ -42,7 +42,7 @@ def test_renumbering_round_trip_matches_the_model_tree():
 
 
 def test_loading_keeps_the_values_and_drops_pretraining_layers(tiny_npz):
-  model = tiny_model(AdapterConfig(rank=2), num_classes=9)
+  model = tiny_model(Mlae(rank=2), num_classes=9)
   params = layout.flatten(load_pretrained(tiny_npz, model, rng=jax.random.key(0), image_size=32))
   original = layout.to_linen(read_npz(tiny_npz))
   np.testing.assert_array_equal(

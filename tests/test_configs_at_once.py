@@ -29,7 +29,7 @@ def _adam_atol(learning_rate: float) -> float:
 
 
 def _configs(**overrides):
-  return [tiny_config(**{'mlae.drop_rate': p, 'mlae.coeff_init': c, 'epochs': 3,
+  return [tiny_config(**{'adapter.mlae.drop_rate': p, 'adapter.mlae.coeff_init': c, 'epochs': 3,
                          'eval_every_epochs': 1, **overrides}) for p, c in POINTS]
 
 
@@ -105,7 +105,7 @@ def test_configs_that_cannot_train_at_once_are_refused(override, message, tmp_pa
     configs[1].learning_rate = override['learning_rate']
   else:
     for config in configs:
-      config.mlae.adaptive_coeff = False
+      config.adapter.mlae.adaptive_coeff = False
   with pytest.raises(ValueError, match=message):
     train_configs_on_task(configs, [str(tmp_path / str(k)) for k in range(3)],
                           build_task_data(configs[0].data))
@@ -115,7 +115,7 @@ def _tiny_overrides():
   config = tiny_config(epochs=2)
   overrides = {f'model.{k}': v for k, v in TINY_MODEL.items()}
   overrides.update({'model.name': 'ViT-Ti_16', 'pretrained': '', 'export_merged': False,
-                    'mlae.rank': config.mlae.rank})
+                    'adapter.mlae.rank': config.adapter.mlae.rank})
   overrides.update({f'data.{k}': config.data[k] for k in
                     ('source', 'image_size', 'num_classes', 'num_train', 'num_eval')})
   overrides.update({k: config[k] for k in (
@@ -150,7 +150,7 @@ def test_side_by_side_and_one_by_one_passes_agree():
   import jax.numpy as jnp
   import optax
 
-  from mlae_jax.adapters.config import AdapterConfig
+  from mlae_jax.adapters import Mlae
   from mlae_jax.adapters.experts import drop_rate_variables
   from mlae_jax.partition import split_trainable
   from mlae_jax.training import parallel
@@ -158,14 +158,14 @@ def test_side_by_side_and_one_by_one_passes_agree():
   from mlae_jax.training.steps import StepConfig, TrainState, jit_train_step
   from tiny import init, tiny_model
 
-  model = tiny_model(AdapterConfig(rank=4, drop_rate=0.5))
+  model = tiny_model(Mlae(rank=4, drop_rate=0.5))
   trainable, frozen = split_trainable(init(model))
   learning_rate = 1e-2
   tx = make_optimizer(optax.constant_schedule(learning_rate), weight_decay=1e-4,
                       grad_clip_norm=None)
   cfg = StepConfig(model, tx, 8, (0.5,) * 3, (0.5,) * 3)
   rates = jax.tree.map(lambda *r: jnp.stack(r), *[drop_rate_variables(
-      model.clone(adapter=AdapterConfig(rank=4, drop_rate=p)).layer_experts(), trainable)
+      Mlae(rank=4, drop_rate=p).layer_experts(model.num_layers), trainable)
       for p in (0.0, 0.3, 0.6)])
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, (16, 32, 32, 3)).astype(np.uint8)

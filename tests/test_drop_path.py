@@ -9,7 +9,7 @@ import pytest
 import torch
 from timm.layers import calculate_drop_path_rates
 
-from mlae_jax.adapters import AdapterConfig
+from mlae_jax.adapters import Mlae
 from mlae_jax.checkpoints import load_pretrained
 from mlae_jax.checkpoints.layout import flatten
 from mlae_jax.model.drop_path import DROP_PATH_RNG, DropPath, block_drop_path_rates
@@ -77,7 +77,7 @@ def test_training_output_and_gradients_equal_timm_with_the_same_keep_patterns(tm
                                                                              drop_rate):
   path = tiny_checkpoint(tmp_path / 'tiny.npz')  # 3 blocks: rates 0, 0.25, 0.5.
   experts = 4
-  model = tiny_model(AdapterConfig(rank=experts, drop_rate=drop_rate), drop_path_rate=0.5)
+  model = tiny_model(Mlae(rank=experts, drop_rate=drop_rate), drop_path_rate=0.5)
   params = randomize(load_pretrained(path, model, rng=jax.random.key(0), image_size=32))
   x, labels = images(8), np.array([0, 3, 1, 4, 2, 2, 0, 1])
   rngs = {'expert_mask': jax.random.key(3), DROP_PATH_RNG: jax.random.key(5)}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fake_checkpoint import write_original_npz
-from mlae_jax.adapters import AdapterConfig
+from mlae_jax.adapters import Mlae
 from mlae_jax.checkpoints import CheckpointError, load_pretrained, read_npz
 from mlae_jax.export import load_adapter_export
 from mlae_jax.files import write_json
@@ -88,9 +88,9 @@ def test_divergence_names_the_last_good_checkpoint(tmp_path):
     ('warmup_lr', 0.01, 'config.warmup_lr = 0.01: must be a finite number in [0, learning_rate'),
     ('min_lr', float('nan'), 'config.min_lr = nan: must be a finite number'),
     ('model.drop_path_rate', float('nan'), 'config.model.drop_path_rate = nan'),
-    ('mlae.coeff_init', float('inf'), 'coeff_init must be a finite number, got inf'),
-    ('mlae.drop_rate', float('nan'), 'drop_rate must lie in [0, 1)'),
-    ('mlae.input_dropout', float('nan'), 'input_dropout must be a finite number'),
+    ('adapter.mlae.coeff_init', float('inf'), 'coeff_init must be a finite number, got inf'),
+    ('adapter.mlae.drop_rate', float('nan'), 'drop_rate must lie in [0, 1)'),
+    ('adapter.mlae.input_dropout', float('nan'), 'input_dropout must lie in [0, 1), got nan'),
 ])
 def test_float_config_values_are_checked_before_anything_is_built(field, value, message,
                                                                    tmp_path):
@@ -103,9 +103,9 @@ def test_float_config_values_are_checked_before_anything_is_built(field, value, 
 
 def test_lora_alpha_must_be_a_positive_finite_number(tmp_path):
   for alpha in (float('nan'), 0.0, -2.0):
-    config = tiny_config(**{'mlae.method': 'lora', 'mlae.drop_rate': 0.0,
-                            'mlae.lora_alpha': alpha})
-    with pytest.raises(ValueError, match='lora_alpha must be a finite number > 0'):
+    config = tiny_config(**{'adapter.method': 'lora', 'adapter.lora.alpha': alpha})
+    with pytest.raises(ValueError, match=r'Bad lora config: alpha must be a finite number > 0.*'
+                                         r'\(config.adapter.lora\)'):
       train_and_evaluate(config, str(tmp_path))
 
 
@@ -140,9 +140,9 @@ def test_adapter_exports_with_nan_are_refused(tmp_path):
 def test_a_workdir_of_another_config_is_refused_before_anything_changes(tmp_path):
   train_and_evaluate(tiny_config(epochs=2), str(tmp_path))
   saved = (tmp_path / 'config.json').read_text()
-  with pytest.raises(WorkdirConflict, match=r'another config \(learning_rate: 0.003 there, '
-                                            r'0.001 now; mlae.rank: 4 there, 2 now\)'):
-    train_and_evaluate(tiny_config(epochs=2, learning_rate=1e-3, **{'mlae.rank': 2}),
+  with pytest.raises(WorkdirConflict, match=r'another config \(adapter.mlae.rank: 4 there, 2 '
+                                            r'now; learning_rate: 0.003 there, 0.001 now\)'):
+    train_and_evaluate(tiny_config(epochs=2, learning_rate=1e-3, **{'adapter.mlae.rank': 2}),
                        str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == saved
 
@@ -195,7 +195,7 @@ def test_a_workdir_with_a_run_but_no_config_is_refused(tmp_path):
 def test_a_diverging_point_of_a_group_trains_apart_from_the_others(tmp_path):
   from mlae_jax.sweeps import runner
   runs = [runner.Run('vtab', 'svhn', 0, str(tmp_path / name), tiny_config(
-      epochs=2, **{'mlae.coeff_init': coeff})) for name, coeff in (('sane', 1.0), ('wild', 3e38))]
+      epochs=2, **{'adapter.mlae.coeff_init': coeff})) for name, coeff in (('sane', 1.0), ('wild', 3e38))]
   summary = runner.execute_at_once(runs, configs_at_once=2, keep_going=True)
   outcomes = {run.workdir: outcome for run, outcome, _ in summary.outcomes}
   assert outcomes[str(tmp_path / 'wild')] == runner.FAILED
@@ -397,11 +397,11 @@ def test_shapes_that_cannot_work_fail_before_anything_is_built(field, value, mes
 
 def test_api_arguments_of_the_wrong_type_are_named():
   with pytest.raises(ValueError, match="rank must be an integer >= 1 .*got '8'"):
-    AdapterConfig(rank='8')
+    Mlae(rank='8')
   with pytest.raises(ValueError, match="adaptive_coeff must be True or False, got 'yes'"):
-    AdapterConfig(adaptive_coeff='yes')
+    Mlae(adaptive_coeff='yes')
   with pytest.raises(ValueError, match="coeff_init must be a finite number, got '1'"):
-    AdapterConfig(coeff_init='1')
+    Mlae(coeff_init='1')
   with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got '10'"):
     create_model('ViT-B_16', '10')
   with pytest.raises(ValueError, match='num_heads 5 does not divide hidden_size 768'):
@@ -430,10 +430,13 @@ def test_the_cli_turns_os_faults_into_one_line(tmp_path):
 def test_the_cli_names_missing_config_files_and_the_nearest_field(tmp_path):
   assert "Cannot load config file 'configs/vtabb.py': no such file" in one_line_error(
       cli(tmp_path, config='configs/vtabb.py:svhn'))
-  assert ('Unknown config field config.mlae.drop_rat (in --config.mlae.drop_rat=0.3); did you '
-          'mean config.mlae.drop_rate?') in one_line_error(cli(tmp_path,
-                                                               '--config.mlae.drop_rat=0.3'))
-  assert 'did you mean config.mlae.rank?' in one_line_error(cli(tmp_path, '--config.mlea.rank=2'))
+  assert ('Unknown config field config.adapter.mlae.drop_rat (in '
+          '--config.adapter.mlae.drop_rat=0.3); did you mean config.adapter.mlae.drop_rate?'
+          ) in one_line_error(cli(tmp_path, '--config.adapter.mlae.drop_rat=0.3'))
+  assert 'did you mean config.adapter.mlae.rank?' in one_line_error(
+      cli(tmp_path, '--config.adapter.mlea.rank=2'))
+  assert "config.adapter.method = 'dora': use one of ('mlae', 'lora'" in one_line_error(
+      cli(tmp_path, '--config.adapter.method=dora'))
   assert "flag --config.learning_rate=fast: could not convert string to float: 'fast'" in (
       one_line_error(cli(tmp_path, '--config.learning_rate=fast')))
   assert "Unknown VTAB-1k task 'svhm'" in one_line_error(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlae_jax.adapters import AdapterConfig, lora
+from mlae_jax.adapters import Lora, Mlae
 from mlae_jax.adapters.merge import merge_adapters
 from mlae_jax.adapters.torch_layout import (export_torch_state, import_torch_state,
                                             load_torch_state, save_torch_state)
@@ -16,20 +16,23 @@ from tiny import images, init, randomize, tiny_model
 from torch_reference import nchw, tensor, timm_with_mlae, tiny_checkpoint
 
 ADAPTERS = {
-    'mlae_qkv': AdapterConfig(rank=4, drop_rate=0.5, coeff_init=2.0),
-    'mlae_everywhere': AdapterConfig(
+    'mlae_qkv': Mlae(rank=4, drop_rate=0.5, coeff_init=2.0),
+    'mlae_everywhere': Mlae(
         targets=('query', 'key', 'value', 'out', 'fc1', 'fc2'), rank=3, drop_rate=0.3),
-    'mlae_fixed_frozen_coeff': AdapterConfig(mask='fixed', pattern='hourglass',
-                                             adaptive_coeff=False, coeff_init=0.5),
-    'mlae_per_layer': AdapterConfig(rank=(1, 2, 3), drop_rate=(0.0, 0.1, 0.9)),
-    'lora': lora(rank=4, targets=('qkv', 'fc2'), alpha=8),
+    'mlae_fixed_frozen_coeff': Mlae(mask='fixed', pattern='hourglass',
+                                    adaptive_coeff=False, coeff_init=0.5),
+    'mlae_per_layer': Mlae(rank=(1, 2, 3), drop_rate=(0.0, 0.1, 0.9)),
+    'lora': Lora(rank=4, targets=('qkv', 'fc2'), alpha=8),
+    'lora_qv': Lora(rank=4, targets=('query', 'value')),
+    'mlae_rank2_experts': Mlae(rank=4, expert_rank=2, drop_rate=0.5),  # Table 12.
+    'mlae_block_subset': Mlae(rank=2, layers=(0, 2), drop_rate=0.5),
 }
 
 
 @pytest.mark.parametrize('name', ADAPTERS)
 def test_merged_model_equals_adapted_model_in_eval(name):
   adapter = ADAPTERS[name]
-  layers = 12 if adapter.mask == 'fixed' else 3
+  layers = 12 if getattr(adapter, 'mask', '') == 'fixed' else 3
   model = tiny_model(adapter, num_layers=layers)
   params = randomize(init(model))
   plain_model, plain_params = merge_adapters(model, params)
@@ -46,7 +49,7 @@ def test_merged_model_equals_adapted_model_in_eval(name):
 
 
 def test_merging_untrained_adapters_changes_nothing():
-  model = tiny_model(AdapterConfig(rank=4))
+  model = tiny_model(Mlae(rank=4))
   params = init(model)  # B = 0
   _, plain = merge_adapters(model, params)
   for key, value in flatten(plain).items():
@@ -56,7 +59,7 @@ def test_merging_untrained_adapters_changes_nothing():
 @pytest.mark.parametrize('name', ['mlae_qkv', 'mlae_fixed_frozen_coeff', 'lora'])
 def test_export_import_round_trip_is_exact(name, tmp_path):
   adapter = ADAPTERS[name]
-  model = tiny_model(adapter, num_layers=12 if adapter.mask == 'fixed' else 3)
+  model = tiny_model(adapter, num_layers=12 if getattr(adapter, 'mask', '') == 'fixed' else 3)
   trained = randomize(init(model, seed=0), roles=('adapter',))
   state = export_torch_state(model, trained)
   for suffix in ('pt', 'npz'):
@@ -69,14 +72,14 @@ def test_export_import_round_trip_is_exact(name, tmp_path):
 
 
 def test_exported_layout_is_the_pytorch_layers():
-  model = tiny_model(AdapterConfig(rank=4))
+  model = tiny_model(Mlae(rank=4))
   state = export_torch_state(model, init(model))
   assert set(state) == {f'blocks.{i}.attn.qkv.{n}' for i in range(3)
                         for n in ('lora_A', 'lora_B', 'lora_lamda')}
   assert state['blocks.0.attn.qkv.lora_A'].shape == (4, 32)
   assert state['blocks.0.attn.qkv.lora_B'].shape == (4, 96)
   assert state['blocks.0.attn.qkv.lora_lamda'].shape == (4,)
-  lora_model = tiny_model(lora(rank=4, targets=('out', 'fc1')))
+  lora_model = tiny_model(Lora(rank=4, targets=('out', 'fc1')))
   lora_state = export_torch_state(lora_model, init(lora_model))
   assert lora_state['blocks.2.attn.proj.lora_B'].shape == (32, 4)
   assert lora_state['blocks.2.mlp.fc1.lora_B'].shape == (64, 4)
@@ -85,7 +88,7 @@ def test_exported_layout_is_the_pytorch_layers():
 
 def test_weights_move_between_the_implementations_both_ways(tmp_path):
   path = tiny_checkpoint(tmp_path / 'tiny.npz')
-  model = tiny_model(AdapterConfig(rank=4, coeff_init=2.0))
+  model = tiny_model(Mlae(rank=4, coeff_init=2.0))
   params = randomize(load_pretrained(path, model, rng=jax.random.key(0), image_size=32))
   x = images(2)
   reference = timm_with_mlae(path, 4).eval()
@@ -115,10 +118,13 @@ def test_weights_move_between_the_implementations_both_ways(tmp_path):
 
 
 def test_interchange_errors_say_what_is_wrong():
-  separate = tiny_model(AdapterConfig(targets=('query',)))
-  with pytest.raises(ValueError, match="no separate layer for target 'query'"):
+  separate = tiny_model(Mlae(targets=('query',)))
+  with pytest.raises(ValueError, match="no separate layer for site 'query'"):
     export_torch_state(separate, init(separate))
-  model = tiny_model(AdapterConfig(rank=4))
+  grouped = tiny_model(Mlae(rank=4, expert_rank=2))
+  with pytest.raises(ValueError, match='MLAE \\(rank-1 experts\\) and LoRA'):
+    export_torch_state(grouped, init(grouped))
+  model = tiny_model(Mlae(rank=4))
   params = init(model)
   state = export_torch_state(model, params)
   del state['blocks.1.attn.qkv.lora_A']
@@ -126,10 +132,10 @@ def test_interchange_errors_say_what_is_wrong():
   with pytest.raises(ValueError, match=r'missing blocks.1.attn.qkv.lora_A.*'
                                        r'blocks.2.attn.qkv.lora_B has shape \(96, 4\)'):
     import_torch_state(model, params, state)
-  frozen = tiny_model(AdapterConfig(rank=4, adaptive_coeff=False, coeff_init=0.5))
+  frozen = tiny_model(Mlae(rank=4, adaptive_coeff=False, coeff_init=0.5))
   state = export_torch_state(frozen, init(frozen))
   state['blocks.0.attn.qkv.lora_lamda'] = np.full(4, 3.0, np.float32)
   with pytest.raises(ValueError, match='differs from the frozen coefficient'):
     import_torch_state(frozen, init(frozen), state)
-  with pytest.raises(ValueError, match='no adapters'):
+  with pytest.raises(ValueError, match='layout exists for MLAE .* has none'):
     export_torch_state(tiny_model(None), init(tiny_model(None)))

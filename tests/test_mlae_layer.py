@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlae_jax.adapters import AdapterConfig, LayerExperts, LowRankExperts, lora
+from mlae_jax.adapters import LayerExperts, Lora, LowRankExperts, Mlae, create
 from mlae_jax.adapters import patterns
 from mlae_jax.checkpoints.layout import flatten
 from mlae_jax.model import create_model
@@ -118,7 +118,7 @@ def test_dropped_experts_get_no_gradient():
 
 
 def test_each_layer_draws_its_own_mask():
-  model = tiny_model(AdapterConfig(rank=8, drop_rate=0.5), num_layers=3)
+  model = tiny_model(Mlae(rank=8, drop_rate=0.5), num_layers=3)
   params = init(model)
   _, state = model.apply({'params': params}, images(), train=True,
                          rngs={'expert_mask': jax.random.key(0)}, mutable=['intermediates'])
@@ -136,11 +136,11 @@ def test_frozen_coefficient_ablation():
 
 
 def test_fixed_masks_allocate_the_pattern_and_never_change():
-  config = AdapterConfig(mask='fixed', pattern='incremental')
+  config = Mlae(mask='fixed', pattern='incremental')
   model = create_model('ViT-B_16', 10, adapter=config)
-  assert [s.experts for s in model.layer_experts()] == list(patterns.FIXED_PATTERNS['incremental'])
-  assert all(s.drop_rate == 0 for s in model.layer_experts())
-  small = tiny_model(AdapterConfig(mask='fixed', pattern='hourglass'), num_layers=12)
+  assert [s.experts for s in model.adapter.layer_experts(model.num_layers)] == list(patterns.FIXED_PATTERNS['incremental'])
+  assert all(s.drop_rate == 0 for s in model.adapter.layer_experts(model.num_layers))
+  small = tiny_model(Mlae(mask='fixed', pattern='hourglass'), num_layers=12)
   params = randomize(init(small))
   shapes = [flatten(params)[f'Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/'
                             'adapter_qkv/A'].shape[0] for i in range(12)]
@@ -157,7 +157,7 @@ def test_fixed_masks_allocate_the_pattern_and_never_change():
 
 
 def test_mixed_masks_combine_counts_and_dropout():
-  config = AdapterConfig(mask='mixed', pattern='decremental', drop_rate=0.5)
+  config = Mlae(mask='mixed', pattern='decremental', drop_rate=0.5)
   settings = config.layer_experts(12)
   assert [s.experts for s in settings] == list(patterns.FIXED_PATTERNS['decremental'])
   assert {s.drop_rate for s in settings} == {0.5}
@@ -165,29 +165,29 @@ def test_mixed_masks_combine_counts_and_dropout():
 
 @pytest.mark.parametrize('name', ['incremental', 'decremental', 'hourglass', 'protruding'])
 def test_stochastic_patterns(name):
-  settings = AdapterConfig(pattern=name, drop_rate=0.0).layer_experts(12)
+  settings = Mlae(pattern=name, drop_rate=0.0).layer_experts(12)
   assert [s.drop_rate for s in settings] == list(patterns.STOCHASTIC_PATTERNS[name])
   assert {s.experts for s in settings} == {8}
-  deep = AdapterConfig(pattern=name).layer_experts(24)
+  deep = Mlae(pattern=name).layer_experts(24)
   assert [s.drop_rate for s in deep[::2]] == list(patterns.STOCHASTIC_PATTERNS[name])
 
 
 def test_uniform_and_per_layer_values():
-  settings = AdapterConfig(drop_rate=0.3, coeff_init=4.0).layer_experts(12)
+  settings = Mlae(drop_rate=0.3, coeff_init=4.0).layer_experts(12)
   assert all(s == LayerExperts(8, 0.3, 4.0, True, False, 0.0) for s in settings)
   ranks = tuple(range(1, 13))
-  assert [s.experts for s in AdapterConfig(rank=ranks).layer_experts(12)] == list(ranks)
+  assert [s.experts for s in Mlae(rank=ranks).layer_experts(12)] == list(ranks)
   with pytest.raises(ValueError, match='lists 12 values but the model has 6 layers'):
-    AdapterConfig(rank=ranks).layer_experts(6)
+    Mlae(rank=ranks).layer_experts(6)
 
 
 def test_random_pattern_keeps_the_budget():
-  counts = AdapterConfig(mask='fixed', pattern='random', pattern_seed=3).layer_experts(12)
+  counts = Mlae(mask='fixed', pattern='random', pattern_seed=3).layer_experts(12)
   counts = [s.experts for s in counts]
   assert sum(counts) == 96 and min(counts) >= 1 and max(counts) <= 14
-  again = [s.experts for s in AdapterConfig(mask='fixed', pattern='random', pattern_seed=3)
+  again = [s.experts for s in Mlae(mask='fixed', pattern='random', pattern_seed=3)
            .layer_experts(12)]
-  other = [s.experts for s in AdapterConfig(mask='fixed', pattern='random', pattern_seed=4)
+  other = [s.experts for s in Mlae(mask='fixed', pattern='random', pattern_seed=4)
            .layer_experts(12)]
   assert counts == again and counts != other
 
@@ -199,15 +199,15 @@ def param_counts(adapter, classes=100):
 
 
 def test_trainable_parameter_counts_of_vit_b16():
-  counts = param_counts(AdapterConfig(rank=8))
+  counts = param_counts(Mlae(rank=8))
   assert counts['adapter'] == 295_008
   assert counts['head'] == 768 * 100 + 100
   assert counts['backbone'] == 85_798_656
   assert counts['trainable'] == 295_008 + 76_900
-  assert param_counts(lora(rank=8))['adapter'] == 294_912
-  assert param_counts(AdapterConfig(adaptive_coeff=False))['adapter'] == 294_912
+  assert param_counts(Lora(rank=8))['adapter'] == 294_912
+  assert param_counts(Mlae(adaptive_coeff=False))['adapter'] == 294_912
   # Fixed patterns keep the budget of 8 experts per block.
-  assert param_counts(AdapterConfig(mask='fixed', pattern='hourglass'))['adapter'] == 295_008
+  assert param_counts(Mlae(mask='fixed', pattern='hourglass'))['adapter'] == 295_008
   assert param_counts(None)['adapter'] == 0
 
 
@@ -220,8 +220,7 @@ def test_trainable_parameter_counts_of_vit_b16():
     (dict(drop_rate=-0.1), r'drop_rate must lie in \[0, 1\)'),
     (dict(drop_rate=(0.1, 1.5)), r'drop_rate must lie in \[0, 1\)'),
     (dict(input_dropout=1.0), r'input_dropout must lie in \[0, 1\)'),
-    (dict(method='dora'), "method 'dora' is not one of"),
-    (dict(targets=('qkv', 'proj')), "unknown targets \\['proj'\\]"),
+    (dict(targets=('qkv', 'proj')), "targets \\['proj'\\] are not sites"),
     (dict(targets=()), 'targets is empty'),
     (dict(targets=('qkv', 'query')), "'qkv' already covers"),
     (dict(mask='sometimes'), "mask 'sometimes' is not one of"),
@@ -229,17 +228,29 @@ def test_trainable_parameter_counts_of_vit_b16():
     (dict(pattern='random'), "use mask='fixed' or 'mixed'"),
     (dict(mask='fixed', drop_rate=0.5), "use mask='mixed'"),
     (dict(mask='fixed', pattern='incremental', rank=4), 'assume rank 8'),
-    (dict(method='lora', drop_rate=0.5), 'LoRA has no expert masks'),
-    (dict(method='lora', coeff_init=2.0), 'belong to MLAE'),
-    (dict(lora_alpha=16), 'lora_alpha belongs to LoRA'),
+    (dict(expert_rank=3), 'expert_rank 3 must divide rank 8'),
+    (dict(expert_rank=2, mask='mixed', drop_rate=0.5), 'expert_rank > 1'),
+    (dict(layers=(0, 0)), 'name a block twice'),
+    (dict(train=('(',)), 'is not a regular expression'),
 ])
 def test_bad_configs_are_refused_with_a_reason(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    AdapterConfig(**kwargs)
+    Mlae(**kwargs)
+
+
+@pytest.mark.parametrize('name, fields, message', [
+    ('dora', {}, "Unknown method 'dora'"),
+    ('lora', {'drop_rate': 0.5}, r"Bad lora config: unknown fields \['drop_rate'\]"),
+    ('lora', {'coeff_init': 2.0}, r"unknown fields \['coeff_init'\]"),
+    ('mlae', {'alpha': 16}, r"Bad mlae config: unknown fields \['alpha'\]"),
+])
+def test_fields_of_another_method_are_refused(name, fields, message):
+  with pytest.raises(ValueError, match=message):
+    create(name, fields)
 
 
 def test_lists_from_configs_become_tuples():
-  config = AdapterConfig(targets=['qkv', 'fc1'], rank=[8] * 12)
+  config = Mlae(targets=['qkv', 'fc1'], rank=[8] * 12)
   assert config.targets == ('qkv', 'fc1') and isinstance(config.rank, tuple)
   hash(config)
 
@@ -259,7 +270,7 @@ def test_input_dropout_only_in_training():
 
 def test_summary_table_reports_the_budget():
   from mlae_jax.summary import describe
-  text = describe(create_model('ViT-B_16', 10, adapter=AdapterConfig(mask='fixed',
+  text = describe(create_model('ViT-B_16', 10, adapter=Mlae(mask='fixed',
                                                                      pattern='protruding')), 224)
   rows = [line.split() for line in text.splitlines()[2:14]]
   assert [int(row[1]) for row in rows] == list(patterns.FIXED_PATTERNS['protruding'])

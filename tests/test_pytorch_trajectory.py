@@ -46,7 +46,7 @@ def recipe(checkpoint, drop_path_rate):
   config.model.dtype = 'float32'
   config.model.drop_path_rate = drop_path_rate
   config.pretrained = str(checkpoint)
-  config.mlae.rank, config.mlae.drop_rate, config.mlae.coeff_init = RANK, 0.5, 1.0
+  config.adapter.mlae.rank, config.adapter.mlae.drop_rate, config.adapter.mlae.coeff_init = RANK, 0.5, 1.0
   config.batch_size = BATCH
   config.epochs = 20  # 17 of them run (50 steps): the cosine moves every epoch.
   config.warmup_epochs = 3
@@ -110,7 +110,7 @@ def train_pytorch(config, checkpoint, initial, images, labels, orders, draws, *,
     model.head.weight.copy_(torch.from_numpy(np.array(initial['head/kernel']).T))
     model.head.bias.copy_(torch.from_numpy(np.array(initial['head/bias'])))
     for i, block in enumerate(model.blocks):
-      layer = PaperMLAELinear(block.attn.qkv, RANK, config.mlae.drop_rate if masks else 0.0)
+      layer = PaperMLAELinear(block.attn.qkv, RANK, config.adapter.mlae.drop_rate if masks else 0.0)
       for name, ours in (('lora_A', 'A'), ('lora_B', 'B'), ('lora_lamda', 'coeff')):
         getattr(layer, name).copy_(torch.from_numpy(np.array(initial[f'{SCOPE.format(i)}/{ours}'])))
       block.attn.qkv = layer

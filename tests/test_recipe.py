@@ -13,8 +13,7 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler
 
-from mlae_jax.adapters import AdapterConfig
-from mlae_jax.adapters.placement import tuned_paths
+from mlae_jax.adapters import Mlae
 from mlae_jax.adapters.torch_layout import export_torch_state, import_torch_state
 from mlae_jax.checkpoints import load_pretrained, read_npz
 from mlae_jax.checkpoints.layout import flatten, unflatten
@@ -36,12 +35,12 @@ QKV = 'Transformer/encoderblock_{}/MultiHeadDotProductAttention_0'
 def b16_trainable(adapter):
   model = create_model('ViT-B_16', 10, adapter=adapter)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
-  trainable, _ = split_trainable(shapes, tuned_paths(adapter, 12))
+  trainable, _ = split_trainable(shapes, adapter.trained_patterns(12))
   return flatten(trainable)
 
 
 def test_spt_rule_decays_matrices_only():
-  trainable = b16_trainable(AdapterConfig(rank=8, train_bias=True))
+  trainable = b16_trainable(Mlae(rank=8, train_bias=True))
   mask = flatten(weight_decay_mask(trainable, 'spt'))
   decayed = sorted(k for k, v in mask.items() if v)
   assert len(decayed) == 2 * 12 + 1
@@ -148,7 +147,7 @@ def test_benchmark_configs_default_to_the_pytorch_recipe(config_file, arg):
   assert config.schedule == 'timm_cosine_spt'
   assert (config.warmup_epochs, config.warmup_lr, config.min_lr) == (10, 1e-6, 1e-5)
   assert (config.eval_every_epochs, config.eval_last_epochs) == (10, 10)
-  assert config.mlae.train_bias is False
+  assert config.adapter.mlae.train_bias is False
 
 
 def test_training_the_adapted_biases(tmp_path):
@@ -160,7 +159,7 @@ def test_training_the_adapted_biases(tmp_path):
   runs = {}
   for train_bias in (False, True):
     workdir = tmp_path / str(train_bias)
-    config = tiny_config(pretrained=str(pretrained), epochs=2, **{'mlae.train_bias': train_bias})
+    config = tiny_config(pretrained=str(pretrained), epochs=2, **{'adapter.mlae.train_bias': train_bias})
     runs[train_bias] = train_and_evaluate(config, str(workdir))
     _, params = load_adapter_export(str(workdir / 'export'), str(pretrained))
     exported = read_npz(workdir / 'export' / 'adapter.npz')
@@ -180,15 +179,16 @@ def test_training_the_adapted_biases(tmp_path):
 
 def test_trained_biases_move_to_pytorch_as_the_wrapped_layers_bias(tmp_path):
   path = tiny_checkpoint(tmp_path / 'tiny.npz')
-  model = tiny_model(AdapterConfig(rank=4, coeff_init=2.0, train_bias=True))
-  tuned = tuned_paths(model.adapter, 3)
+  model = tiny_model(Mlae(rank=4, coeff_init=2.0, train_bias=True))
+  patterns = model.adapter.trained_patterns(3)
   params = randomize(load_pretrained(path, model, rng=jax.random.key(0), image_size=32))
   flat = flatten(params)
+  tuned = [key for key in flat if param_role(key, patterns) == 'tuned']
   rng = np.random.default_rng(3)
   for key in tuned:
     flat[key] = jnp.asarray(rng.normal(0, 0.5, flat[key].shape), jnp.float32)
   params = unflatten(flat)
-  assert count_params(params, tuned)['tuned'] == 3 * 96
+  assert count_params(params, patterns)['tuned'] == 3 * 96
   state = export_torch_state(model, params)
   assert state['blocks.0.attn.qkv.bias'].shape == (96,)  # q|k|v, as timm's fused qkv.
 
@@ -217,11 +217,11 @@ def test_trained_biases_move_to_pytorch_as_the_wrapped_layers_bias(tmp_path):
 
 def test_train_bias_must_be_a_bool():
   with pytest.raises(ValueError, match='train_bias must be True or False'):
-    AdapterConfig(train_bias='yes')
+    Mlae(train_bias='yes')
 
 
 def test_summary_counts_the_trained_biases_at_vit_b16():
   from mlae_jax.summary import describe
-  text = describe(create_model('ViT-B_16', 10, adapter=AdapterConfig(train_bias=True)), 224)
+  text = describe(create_model('ViT-B_16', 10, adapter=Mlae(train_bias=True)), 224)
   # 12 blocks x (q, k, v biases: 3 x 768) beside the 295,008 adapter parameters.
   assert 'adapter 295,008, head 7,690, tuned 27,648, trainable 330,346' in text

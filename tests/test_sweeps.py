@@ -32,7 +32,7 @@ class FakeTrainer:
     os.makedirs(os.path.join(workdir, 'checkpoints', '1'), exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-    keys = {(config.data.task, config.seed), (config.mlae.drop_rate, config.mlae.coeff_init)}
+    keys = {(config.data.task, config.seed), (config.adapter.mlae.drop_rate, config.adapter.mlae.coeff_init)}
     if keys & self.fail:
       raise KeyboardInterrupt if 'interrupt' in self.fail else RuntimeError('interrupted')
     accuracy = self.accuracy(config)
@@ -69,15 +69,15 @@ def test_seeds_parse_lists_and_ranges():
 
 def test_plan_builds_each_tasks_config_with_the_overrides_and_seed(tmp_path):
   runs = runner.plan('vtab', 'all', '0,1', str(tmp_path),
-                     {'epochs': 3, 'data.data_dir': '/data', 'mlae.rank': 4})
+                     {'epochs': 3, 'warmup_epochs': 0, 'data.data_dir': '/data', 'adapter.mlae.rank': 4})
   assert len(runs) == 38
   assert [(r.task, r.seed) for r in runs[:2]] == [('cifar100', 0), ('caltech101', 0)]
   assert [r.seed for r in runs] == [0] * 19 + [1] * 19  # Seed-major.
   svhn = next(r for r in runs if (r.task, r.seed) == ('svhn', 1))
   assert svhn.workdir == os.path.join(str(tmp_path), 'vtab', 'svhn', 'seed_1')
-  assert svhn.config.seed == 1 and svhn.config.epochs == 3 and svhn.config.mlae.rank == 4
+  assert svhn.config.seed == 1 and svhn.config.epochs == 3 and svhn.config.adapter.mlae.rank == 4
   assert svhn.config.data.data_dir == '/data' and svhn.config.data.task == 'svhn'
-  assert (svhn.config.mlae.drop_rate, svhn.config.mlae.coeff_init) == (0.5, 4.0)  # Table 10.
+  assert (svhn.config.adapter.mlae.drop_rate, svhn.config.adapter.mlae.coeff_init) == (0.5, 4.0)  # Table 10.
   assert (svhn.config.data.train_split, svhn.config.data.eval_split) == ('train800val200', 'test')
   cub = runner.plan('fgvc', 'cub', '0', str(tmp_path))[0]
   assert cub.config.data.source == 'fgvc' and cub.config.epochs == 300
@@ -86,7 +86,7 @@ def test_plan_builds_each_tasks_config_with_the_overrides_and_seed(tmp_path):
 
 def test_overrides_must_name_existing_fields_of_the_right_type(tmp_path):
   for overrides, message in [({'epoch': 3}, 'Unknown config field config.epoch'),
-                             ({'mlae.nope': 1}, 'config.mlae.nope'),
+                             ({'adapter.mlae.nope': 1}, 'config.adapter.mlae.nope'),
                              ({'nope.rank': 1}, 'config.nope'),
                              ({'seed': 3}, 'config.seed cannot be overridden in a sweep'),
                              ({'baselines': ('lora',)}, 'sweep a baseline under its own root'),
@@ -104,26 +104,26 @@ def test_sweep_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
   root = str(tmp_path)
   accuracy = lambda config: {'svhn': 0.9, 'dtd': 0.6}[config.data.task] + 0.01 * config.seed
   first = FakeTrainer(accuracy, fail={('dtd', 1)})
-  summary = runner.run_sweep('vtab', 'svhn,dtd', '0,1', root, {'epochs': 3}, train_fn=first,
+  summary = runner.run_sweep('vtab', 'svhn,dtd', '0,1', root, {'epochs': 3, 'warmup_epochs': 0}, train_fn=first,
                              keep_going=True)
   assert [o for _, o, _ in summary.outcomes] == ['trained', 'trained', 'trained', 'failed']
   assert 'RuntimeError: interrupted' in str(summary)
   dtd_1 = layout.run_workdir(root, 'vtab', 'dtd', 1)
   assert layout.status(dtd_1) == layout.UNFINISHED
-  assert runner.describe(runner.plan('vtab', 'dtd', '1', root, {'epochs': 3})[0]) == (
+  assert runner.describe(runner.plan('vtab', 'dtd', '1', root, {'epochs': 3, 'warmup_epochs': 0})[0]) == (
       'unfinished (checkpoint after epoch 1)')
   finished = {w: os.stat(os.path.join(w, 'results.json')).st_mtime_ns
               for w in first.workdirs()[:3]}
 
   second = FakeTrainer(accuracy)
-  summary = runner.run_sweep('vtab', 'svhn,dtd', '0,1', root, {'epochs': 3}, train_fn=second)
+  summary = runner.run_sweep('vtab', 'svhn,dtd', '0,1', root, {'epochs': 3, 'warmup_epochs': 0}, train_fn=second)
   assert [o for _, o, _ in summary.outcomes] == ['skipped', 'skipped', 'skipped', 'resumed']
   assert second.workdirs() == [dtd_1]
   for workdir, mtime in finished.items():
     assert os.stat(os.path.join(workdir, 'results.json')).st_mtime_ns == mtime
 
   third = FakeTrainer(accuracy)
-  summary = runner.run_sweep('vtab', 'svhn,dtd', '0,1', root, {'epochs': 3}, train_fn=third)
+  summary = runner.run_sweep('vtab', 'svhn,dtd', '0,1', root, {'epochs': 3, 'warmup_epochs': 0}, train_fn=third)
   assert not third.calls and len(summary.runs(runner.SKIPPED)) == 4
   table = summarize(collect(root), 'vtab')
   assert table.row('dtd').final.mean == pytest.approx(60.5)
@@ -149,13 +149,13 @@ def test_a_trainer_that_writes_no_results_is_a_failure(tmp_path):
 
 def test_a_workdir_made_with_another_config_is_refused(tmp_path):
   root = str(tmp_path)
-  runner.run_sweep('vtab', 'svhn', '0', root, {'epochs': 3}, train_fn=FakeTrainer())
+  runner.run_sweep('vtab', 'svhn', '0', root, {'epochs': 3, 'warmup_epochs': 0}, train_fn=FakeTrainer())
   with pytest.raises(runner.WorkdirConflict, match=r'epochs: 3 there, 4 now'):
-    runner.run_sweep('vtab', 'svhn', '0', root, {'epochs': 4}, train_fn=FakeTrainer())
+    runner.run_sweep('vtab', 'svhn', '0', root, {'epochs': 4, 'warmup_epochs': 0}, train_fn=FakeTrainer())
   # Where the data and checkpoints live is not part of the run.
   trainer = FakeTrainer()
   summary = runner.run_sweep('vtab', 'svhn', '0', root,
-                             {'epochs': 3, 'data.data_dir': '/elsewhere', 'progress_bar': False},
+                             {'epochs': 3, 'warmup_epochs': 0, 'data.data_dir': '/elsewhere', 'progress_bar': False},
                              train_fn=trainer)
   assert not trainer.calls and summary.runs(runner.SKIPPED)
 
@@ -171,10 +171,10 @@ def test_shards_split_the_runs_without_overlap(tmp_path):
 
 
 def test_runner_command_line_dry_run(tmp_path):
-  FakeTrainer()(runner.task_config('vtab', 'dtd', 1, {'epochs': 7}), os.path.join(
-      tmp_path, 'vtab', 'dtd', 'seed_1'))
+  FakeTrainer()(runner.task_config('vtab', 'dtd', 1, {'epochs': 7, 'warmup_epochs': 0}),
+                os.path.join(tmp_path, 'vtab', 'dtd', 'seed_1'))
   command = [sys.executable, '-m', 'mlae_jax.sweeps.runner', '--tasks=svhn,dtd', '--seeds=0-1',
-             f'--root={tmp_path}', '--config.epochs=7', '--dry_run']
+             f'--root={tmp_path}', '--config.warmup_epochs=0', '--config.epochs=7', '--dry_run']
   result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, 'PYTHONPATH': REPO})
   assert result.returncode == 0, result.stderr
@@ -197,7 +197,7 @@ def val_accuracy(table):
   """A fake trainer's accuracy: `table[(p, coeff)]` on the search split, 0.5 on test."""
   def accuracy(config):
     if config.data.eval_split in ('val200', 'val'):
-      return table.get((config.mlae.drop_rate, config.mlae.coeff_init), 0.1)
+      return table.get((config.adapter.mlae.drop_rate, config.adapter.mlae.coeff_init), 0.1)
     return 0.5
   return accuracy
 
@@ -206,19 +206,19 @@ def test_grid_search_records_every_point_chooses_the_best_and_retrains_it(tmp_pa
   root = str(tmp_path)
   trainer = FakeTrainer(val_accuracy({(0.3, 2.0): 0.75, (0.9, 0.125): 0.74}))
   record = grid_search.run_grid_search('vtab', 'svhn', root, final_seeds='0,1',
-                                       overrides={'epochs': 3}, train_fn=trainer)
+                                       overrides={'epochs': 3, 'warmup_epochs': 0}, train_fn=trainer)
   search, final = trainer.calls[:36], trainer.calls[36:]
   assert len(trainer.calls) == 38
-  assert {(c.mlae.drop_rate, c.mlae.coeff_init) for c, _ in search} == {
+  assert {(c.adapter.mlae.drop_rate, c.adapter.mlae.coeff_init) for c, _ in search} == {
       (p, c) for p in grid_search.P_GRID for c in grid_search.COEFF_GRID}
   for config, workdir in search:
     assert (config.data.train_split, config.data.eval_split) == ('train800', 'val200')
     assert config.epochs == 3 and config.seed == 0
-    assert workdir == layout.grid_workdir(root, 'vtab', 'svhn', config.mlae.drop_rate,
-                                          config.mlae.coeff_init, 0)
+    assert workdir == layout.grid_workdir(root, 'vtab', 'svhn', config.adapter.mlae.drop_rate,
+                                          config.adapter.mlae.coeff_init, 0)
   for (config, workdir), seed in zip(final, (0, 1)):
     assert (config.data.train_split, config.data.eval_split) == ('train800val200', 'test')
-    assert (config.mlae.drop_rate, config.mlae.coeff_init, config.seed) == (0.3, 2.0, seed)
+    assert (config.adapter.mlae.drop_rate, config.adapter.mlae.coeff_init, config.seed) == (0.3, 2.0, seed)
     assert workdir == layout.run_workdir(root, 'vtab', 'svhn', seed)
 
   saved = read_json(os.path.join(layout.grid_task_dir(root, 'vtab', 'svhn'),
@@ -246,7 +246,7 @@ def test_grid_search_records_every_point_chooses_the_best_and_retrains_it(tmp_pa
 
   again = FakeTrainer(val_accuracy({}))  # Everything finished: nothing is trained.
   assert grid_search.run_grid_search('vtab', 'svhn', root, final_seeds='0,1',
-                                     overrides={'epochs': 3}, train_fn=again)['choice'] == (
+                                     overrides={'epochs': 3, 'warmup_epochs': 0}, train_fn=again)['choice'] == (
                                          saved['choice'])
   assert not again.calls
 
@@ -273,7 +273,7 @@ def test_search_over_seeds_sums_their_correct_counts(tmp_path):
   points = grid_search.grid((0.0, 0.5), (1.0,))
   # p=0: 0.80 and 0.60 (280 of 400); p=0.5: 0.71 and 0.70 (282 of 400) wins.
   accuracy = lambda c: {(0.0, 0): 0.8, (0.0, 1): 0.6, (0.5, 0): 0.71, (0.5, 1): 0.7}[
-      (c.mlae.drop_rate, c.seed)]
+      (c.adapter.mlae.drop_rate, c.seed)]
   record = grid_search.run_grid_search('vtab', 'kitti', str(tmp_path), search_seeds='0,1',
                                        points=points, train_fn=FakeTrainer(accuracy),
                                        stages=['search'])
@@ -315,12 +315,12 @@ def test_fgvc_search_selects_on_val_and_retrains_on_train(tmp_path):
   trainer = FakeTrainer(val_accuracy({(0.5, 1.0): 0.8}))
   grid_search.run_grid_search('fgvc', 'cub', str(tmp_path),
                               points=grid_search.grid((0.0, 0.5), (1.0,)), train_fn=trainer)
-  splits = [(c.data.train_split, c.data.eval_split, c.mlae.drop_rate) for c, _ in trainer.calls]
+  splits = [(c.data.train_split, c.data.eval_split, c.adapter.mlae.drop_rate) for c, _ in trainer.calls]
   assert splits == [('train', 'val', 0.0), ('train', 'val', 0.5), ('train', 'test', 0.5)]
 
 
 def test_grid_search_refuses_overrides_of_what_it_sets(tmp_path):
-  for field in ('mlae.drop_rate', 'mlae.coeff_init', 'data.train_split', 'data.eval_split',
+  for field in ('adapter.mlae.drop_rate', 'adapter.mlae.coeff_init', 'data.train_split', 'data.eval_split',
                 'seed'):
     with pytest.raises(ValueError, match=f'config.{field} cannot be overridden'):
       grid_search.run_grid_search('vtab', 'svhn', str(tmp_path), overrides={field: 0.1},
@@ -332,7 +332,7 @@ def test_grid_search_refuses_overrides_of_what_it_sets(tmp_path):
 def test_search_overrides_apply_to_the_search_stage_only(tmp_path):
   trainer = FakeTrainer(val_accuracy({(0.0, 1.0): 0.9}))
   grid_search.run_grid_search('vtab', 'svhn', str(tmp_path), points=[GridPoint(0.0, 1.0)],
-                              overrides={'epochs': 5}, search_overrides={'epochs': 2},
+                              overrides={'epochs': 5, 'warmup_epochs': 0}, search_overrides={'epochs': 2, 'warmup_epochs': 0},
                               train_fn=trainer)
   assert [c.epochs for c, _ in trainer.calls] == [2, 5]
 

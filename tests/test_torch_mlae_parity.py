@@ -6,7 +6,7 @@ import optax
 import pytest
 import torch
 
-from mlae_jax.adapters import AdapterConfig
+from mlae_jax.adapters import Mlae
 from mlae_jax.checkpoints import load_pretrained
 from mlae_jax.checkpoints.layout import flatten
 from tiny import images, randomize, tiny_model
@@ -24,7 +24,7 @@ def relative_error(ours, theirs):
 @pytest.mark.parametrize('drop_rate', [0.0, 0.5])
 def test_logits_and_gradients_match_pytorch(tmp_path, drop_rate):
   path = tiny_checkpoint(tmp_path / 'tiny.npz')
-  model = tiny_model(AdapterConfig(rank=EXPERTS, drop_rate=drop_rate, coeff_init=2.0))
+  model = tiny_model(Mlae(rank=EXPERTS, drop_rate=drop_rate, coeff_init=2.0))
   params = randomize(load_pretrained(path, model, rng=jax.random.key(0), image_size=32))
   x, labels = images(4), np.array([0, 3, 1, 4])
 

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from mlae_jax.adapters import AdapterConfig
+from mlae_jax.adapters import Mlae
 from mlae_jax.checkpoints import read_npz
 from mlae_jax.checkpoints.layout import flatten
 from mlae_jax.partition import combine, param_role, split_trainable
@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def step_setup(batch_size=8, num_train=20):
-  model = tiny_model(AdapterConfig(rank=4, drop_rate=0.5))
+  model = tiny_model(Mlae(rank=4, drop_rate=0.5))
   trainable, frozen = split_trainable(init(model))
   tx = make_optimizer(optax.constant_schedule(1e-2), weight_decay=1e-4, grad_clip_norm=1.0)
   cfg = StepConfig(model, tx, batch_size, (0.5,) * 3, (0.5,) * 3)
@@ -190,7 +190,7 @@ def test_rerunning_a_finished_run_resumes_without_training(finished_run):
 
 def test_training_learns_the_synthetic_task(tmp_path):
   results = train_and_evaluate(tiny_config(**{'epochs': 12, 'data.num_train': 96,
-                                              'mlae.drop_rate': 0.0}), str(tmp_path))
+                                              'adapter.mlae.drop_rate': 0.0}), str(tmp_path))
   assert results['final_epoch_accuracy'] > 0.5  # Chance is 0.25.
 
 
@@ -255,7 +255,7 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
 
 
 def test_cli_reports_bad_config_values(tmp_path):
-  result = run_cli(tmp_path, '--config.mlae.drop_rate=1.5')
+  result = run_cli(tmp_path, '--config.adapter.mlae.drop_rate=1.5')
   assert result.returncode != 0
   assert 'drop_rate must lie in [0, 1)' in result.stderr
   result = subprocess.run([sys.executable, '-m', 'mlae_jax.main', '--config=configs/vtab.py:svhm',
@@ -343,8 +343,9 @@ from jax.sharding import Mesh
 sys.path.insert(0, 'tests')
 from test_training import step_setup
 from mlae_jax.training import parallel
-from mlae_jax.training.steps import StepConfig, jit_train_step
+from mlae_jax.training.steps import StepConfig, jit_train_step, stack_configs
 model, cfg, state, frozen, images, labels = step_setup(batch_size=16, num_train=32)
+state = stack_configs([state])  # The compiled step trains K = 1 stacked configurations.
 flops = {}
 for devices in (1, 8):
   mesh = Mesh(np.asarray(jax.devices()[:devices]), (parallel.DATA_AXIS,))

@@ -26,8 +26,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.eval_every_epochs = 2  # SPT's rule: after 0-based epochs 0 and 2, and the last.
   config.eval_last_epochs = 0
   config.checkpoint_every_epochs = 1
-  config.mlae.rank = 4
-  config.mlae.drop_rate = 0.5
+  config.adapter.mlae.rank = 4
+  config.adapter.mlae.drop_rate = 0.5
   config.progress_bar = False
   for key, value in overrides.items():
     target = config
@@ -49,6 +49,6 @@ def tiny_config_flags(**overrides) -> list[str]:
               'eval_every_epochs', 'eval_last_epochs', 'checkpoint_every_epochs',
               'progress_bar'):
     flags.append(f'--config.{key}={config[key]}')
-  flags += [f'--config.mlae.rank={config.mlae.rank}',
-            f'--config.mlae.drop_rate={config.mlae.drop_rate}']
+  flags += [f'--config.adapter.mlae.rank={config.adapter.mlae.rank}',
+            f'--config.adapter.mlae.drop_rate={config.adapter.mlae.drop_rate}']
   return flags

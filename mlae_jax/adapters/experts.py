@@ -1,14 +1,14 @@
-"""The low-rank update of one linear map: MLAE's masked rank-1 experts (and LoRA)."""
+"""The low-rank update of one linear map: MLAE's masked experts (and LoRA)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mlae_jax.adapters.config import LayerExperts
 from mlae_jax.partition import ADAPTER_PREFIX
 
 # Named PRNG stream of the expert masks; input dropout uses flax's 'dropout'.
@@ -18,26 +18,39 @@ MASK_RNG = 'expert_mask'
 # their drop rates train in one vmapped step.
 DROP_RATES = 'expert_drop_rates'
 
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerExperts:
+  """Resolved adapter settings for one transformer block: `experts` rank-1 columns,
+  grouped `expert_rank` to an expert (one coefficient and one mask bit each)."""
+  experts: int
+  drop_rate: float
+  coeff_init: float
+  adaptive_coeff: bool
+  per_example_mask: bool
+  input_dropout: float
+  expert_rank: int = 1
+
+  @property
+  def groups(self) -> int:
+    return self.experts // self.expert_rank
+
+
 # torch.nn.init.kaiming_uniform_(a=sqrt(5)) on an (r, d_in) tensor: U(+-1/sqrt(d_in)).
 kaiming_uniform_a_sqrt5 = nn.initializers.variance_scaling(
     1.0 / 3.0, 'fan_in', 'uniform', in_axis=-1, out_axis=-2)
 
 
-def expert_coefficients(settings: LayerExperts, coeff: jax.Array | None) -> jax.Array:
-  """The eval-time coefficient vector: the trained one, or the constant."""
-  if coeff is not None:
-    return coeff
-  return jnp.full((settings.experts,), settings.coeff_init, jnp.float32)
-
-
 class LowRankExperts(nn.Module):
   """Computes ((x A^T) * m * c) B, the adapter's contribution to x W0.
 
-  A (r, d_in) is Kaiming-uniform, B (r, d_out) zero, c (r,) the coefficients
-  (a parameter when adaptive). In training, m is an inverted-dropout mask over
-  experts drawn from the 'expert_mask' PRNG stream: one per call (shared by the
-  batch) or one per example. Dropped experts get no gradient that step. At eval,
-  m = 1: every expert, unscaled. The mask is sown as 'intermediates/expert_mask'.
+  A (r, d_in) is Kaiming-uniform, B (r, d_out) zero, c (r / k,) the coefficients of
+  the experts of k = `expert_rank` columns (a parameter when adaptive). In training, m
+  is an inverted-dropout mask over experts drawn from the 'expert_mask' PRNG stream:
+  one per call (shared by the batch) or one per example. Dropped experts get no
+  gradient that step. At eval, m = 1: every expert, unscaled. The mask is sown as
+  'intermediates/expert_mask'.
   """
   settings: LayerExperts
   features: int
@@ -49,15 +62,15 @@ class LowRankExperts(nn.Module):
     s = self.settings
     a = self.param('A', kaiming_uniform_a_sqrt5, (s.experts, x.shape[-1]), self.param_dtype)
     b = self.param('B', nn.initializers.zeros, (s.experts, self.features), self.param_dtype)
-    coeff = expert_coefficients(s, self.param(
-        'coeff', nn.initializers.constant(s.coeff_init), (s.experts,), self.param_dtype)
-                                if s.adaptive_coeff else None)
+    coeff = (self.param('coeff', nn.initializers.constant(s.coeff_init), (s.groups,),
+                        self.param_dtype)
+             if s.adaptive_coeff else jnp.full((s.groups,), s.coeff_init, jnp.float32))
     traced_rate = self.has_variable(DROP_RATES, 'rate')
     rate = self.get_variable(DROP_RATES, 'rate') if traced_rate else s.drop_rate
     if train and (traced_rate or s.drop_rate > 0):
       # Per example: (batch, 1, ..., 1, r) broadcasts over tokens; else (r,).
-      mask_shape = ((x.shape[0],) + (1,) * (x.ndim - 2) + (s.experts,)
-                    if s.per_example_mask else (s.experts,))
+      mask_shape = ((x.shape[0],) + (1,) * (x.ndim - 2) + (s.groups,)
+                    if s.per_example_mask else (s.groups,))
       keep = jax.random.bernoulli(self.make_rng(MASK_RNG), 1.0 - rate, mask_shape)
       self.sow('intermediates', 'expert_mask', keep)
       coeff = jnp.where(keep, coeff / (1.0 - rate), 0.0)
@@ -65,7 +78,7 @@ class LowRankExperts(nn.Module):
       x = nn.Dropout(s.input_dropout, deterministic=False)(x)
     dtype = self.dtype or x.dtype
     hidden = jnp.einsum('...i,ri->...r', x.astype(dtype), a.astype(dtype))
-    hidden = hidden * coeff.astype(dtype)
+    hidden = hidden * jnp.repeat(coeff, s.expert_rank, axis=-1).astype(dtype)
     return jnp.einsum('...r,ro->...o', hidden, b.astype(dtype))
 
 

@@ -1,39 +1,59 @@
-"""Folding adapters into the base weights, so inference costs the plain ViT."""
+"""Folding a method into the base weights, so inference costs the plain ViT."""
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import jax.numpy as jnp
 
-from mlae_jax.adapters.experts import expert_coefficients
-from mlae_jax.adapters.placement import adapter_scope, base_kernels
+from mlae_jax.adapters.method import Method, NotMergeable
+from mlae_jax.adapters.sites import SHARED_SCOPE, Site, adapter_scope, base_biases, base_kernels
 from mlae_jax.checkpoints.layout import flatten, unflatten
-from mlae_jax.model.vit import VisionTransformer
 from mlae_jax.partition import param_role
 
 
-def adapter_deltas(model: VisionTransformer, params: dict) -> dict[tuple[int, str], jnp.ndarray]:
-  """dW = sum_i c_i a_i b_i^T, (d_in, d_out), for each (layer, target): the eval-time
-  update (every expert, unscaled)."""
+class AdaptedModel(Protocol):
+  """What merging needs of a model: its method, depth, and a copy without the method."""
+  adapter: Method | None
+  num_layers: int
+
+  def clone(self, **fields: Any) -> Any: ...
+
+
+def subtree(flat: dict[str, Any], scope: str) -> dict[str, Any]:
+  """The leaves under `scope`, by their names relative to it."""
+  prefix = scope + '/'
+  return {key[len(prefix):]: value for key, value in flat.items() if key.startswith(prefix)}
+
+
+def merge_adapters(model: AdaptedModel, params: dict) -> tuple[Any, dict]:
+  """A plain ViT and its parameters with the method folded into every site's base
+  weights: its outputs equal the adapted model's eval outputs. Raises NotMergeable for
+  a method whose update depends on the input."""
+  method = model.adapter
+  if method is not None and not method.MERGEABLE:
+    raise NotMergeable(f'{method.NAME} cannot be merged into the base weights (its update '
+                       'depends on the input); keep the adapted model for inference.')
   flat = flatten(params)
-  deltas = {}
-  for layer, settings in enumerate(model.layer_experts()):
-    for target in model.adapter.targets if model.adapter else ():
-      scope = adapter_scope(layer, target)
-      coeff = expert_coefficients(settings, flat.get(f'{scope}/coeff'))
-      deltas[layer, target] = jnp.einsum(
-          'ri,r,ro->io', flat[f'{scope}/A'], coeff, flat[f'{scope}/B'],
-          precision='highest')
-  return deltas
+  merged = {key: value for key, value in flat.items() if param_role(key) != 'adapter'}
+  shared = unflatten(subtree(flat, SHARED_SCOPE)) if method else None
+  for site in method.sites(model.num_layers) if method else ():
+    _merge_site(method, site, subtree(flat, adapter_scope(site)), shared, merged)
+  return model.clone(adapter=None), unflatten(merged)
 
 
-def merge_adapters(model: VisionTransformer,
-                   params: dict) -> tuple[VisionTransformer, dict]:
-  """Returns a plain ViT and its parameters, with every adapter folded into its base
-  kernel: its outputs equal the adapted model's eval outputs."""
-  flat = {key: value for key, value in flatten(params).items()
-          if param_role(key) != 'adapter'}
-  for (layer, target), delta in adapter_deltas(model, params).items():
-    kernels = base_kernels(layer, target)  # Equal-width parts of the output (q|k|v).
-    for key, part in zip(kernels, jnp.split(delta, len(kernels), axis=1)):
-      flat[key] = flat[key] + part.reshape(flat[key].shape).astype(flat[key].dtype)
-  return model.clone(adapter=None), unflatten(flat)
+def _merge_site(method: Method, site: Site, params: dict, shared: Any,
+                merged: dict[str, Any]) -> None:
+  """Replaces the base weights of `site` in `merged` by the method's merged ones. The
+  weights of a site are its layers' kernels (or LayerNorm scales) flattened to
+  (d_in, d_out) and put side by side (q|k|v for 'qkv'), and their biases."""
+  kernel_paths, bias_paths = base_kernels(site), base_biases(site)
+  widths = [merged[path].size for path in bias_paths]
+  kernel = jnp.concatenate([merged[path].reshape(-1, width)
+                            for path, width in zip(kernel_paths, widths)], axis=1)
+  bias = jnp.concatenate([merged[path].reshape(-1) for path in bias_paths])
+  kernel, bias = method.merge(site, params, shared, kernel, bias)
+  splits = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
+  for paths, value in ((kernel_paths, kernel), (bias_paths, bias)):
+    for path, part in zip(paths, jnp.split(value, splits, axis=-1)):
+      merged[path] = part.reshape(merged[path].shape).astype(merged[path].dtype)

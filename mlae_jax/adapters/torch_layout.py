@@ -16,43 +16,44 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from mlae_jax.adapters.experts import expert_coefficients
-from mlae_jax.adapters.placement import adapter_scope, base_biases, torch_module
+from mlae_jax.adapters.low_rank import Lora, LowRank
+from mlae_jax.adapters.merge import AdaptedModel, subtree
+from mlae_jax.adapters.sites import adapter_scope, base_biases, torch_module
 from mlae_jax.checkpoints.layout import flatten, unflatten
 from mlae_jax.checkpoints.npz import read_npz, write_npz
-from mlae_jax.model.vit import VisionTransformer
 
 
-def _entries(model: VisionTransformer):
-  """(layer, target, settings, torch name) of every adapter of `model`."""
-  if model.adapter is None:
-    raise ValueError('The model has no adapters to export or import.')
-  for layer, settings in enumerate(model.layer_experts()):
-    for target in model.adapter.targets:
-      yield layer, target, settings, torch_module(layer, target)
+def _entries(model: AdaptedModel):
+  """(site, settings, torch name) of every adapter of `model`."""
+  method = model.adapter
+  if not isinstance(method, LowRank) or getattr(method, 'expert_rank', 1) != 1:
+    raise ValueError(f'The PyTorch layout exists for MLAE (rank-1 experts) and LoRA adapters; '
+                     f'this model has {method.NAME if method else "none"}.')
+  layer_experts = method.layer_experts(model.num_layers)
+  for site in method.sites(model.num_layers):
+    yield site, layer_experts[site.layer], torch_module(site)
 
 
-def export_torch_state(model: VisionTransformer, params: Mapping) -> dict[str, np.ndarray]:
+def export_torch_state(model: AdaptedModel, params: Mapping) -> dict[str, np.ndarray]:
   """The adapters as a PyTorch state dict fragment (numpy arrays)."""
   flat = flatten(params)
   state = {}
-  for layer, target, settings, name in _entries(model):
-    scope = adapter_scope(layer, target)
-    a, b = np.asarray(flat[f'{scope}/A']), np.asarray(flat[f'{scope}/B'])
+  for site, _, name in _entries(model):
+    adapter = subtree(flat, adapter_scope(site))
+    a, b = np.asarray(adapter['A']), np.asarray(adapter['B'])
     state[f'{name}.lora_A'] = a
-    if model.adapter.method == 'lora':
+    if isinstance(model.adapter, Lora):
       state[f'{name}.lora_B'] = b.T.copy()
     else:
       state[f'{name}.lora_B'] = b
-      state[f'{name}.lora_lamda'] = np.asarray(
-          expert_coefficients(settings, flat.get(f'{scope}/coeff')))
+      state[f'{name}.lora_lamda'] = np.asarray(model.adapter.coefficients(adapter))
     if model.adapter.train_bias:
       state[f'{name}.bias'] = np.concatenate(
-          [np.asarray(flat[path]).reshape(-1) for path in base_biases(layer, target)])
+          [np.asarray(flat[path]).reshape(-1) for path in base_biases(site)])
   return state
 
 
-def import_torch_state(model: VisionTransformer, params: Mapping,
+def import_torch_state(model: AdaptedModel, params: Mapping,
                        state: Mapping[str, Any]) -> dict:
   """`params` with its adapters replaced by those of a PyTorch state dict.
 
@@ -74,12 +75,12 @@ def import_torch_state(model: VisionTransformer, params: Mapping,
       return None
     return value
 
-  for layer, target, settings, name in _entries(model):
-    scope = adapter_scope(layer, target)
+  for site, settings, name in _entries(model):
+    scope = adapter_scope(site)
     a_shape, b_shape = flat[f'{scope}/A'].shape, flat[f'{scope}/B'].shape
-    lora = model.adapter.method == 'lora'
+    lora = isinstance(model.adapter, Lora)
     if model.adapter.train_bias:
-      paths = base_biases(layer, target)
+      paths = base_biases(site)
       sizes = [int(np.prod(flat[path].shape)) for path in paths]
       bias = fetch(f'{name}.bias', (sum(sizes),))
       if bias is not None:

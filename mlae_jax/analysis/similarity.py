@@ -30,9 +30,10 @@ from typing import Mapping
 import numpy as np
 from numpy.typing import ArrayLike
 
-from mlae_jax.adapters.config import AdapterConfig
-from mlae_jax.adapters.experts import expert_coefficients
-from mlae_jax.adapters.placement import adapter_scope
+from mlae_jax.adapters.low_rank import LowRank
+from mlae_jax.adapters.merge import subtree
+from mlae_jax.adapters.registry import from_description
+from mlae_jax.adapters.sites import adapter_scope
 from mlae_jax.checkpoints.layout import flatten, unflatten
 from mlae_jax.checkpoints.npz import read_npz
 from mlae_jax.export import ADAPTER_FILE, CONFIG_FILE
@@ -119,18 +120,15 @@ def expert_similarity(model: VisionTransformer, params: Mapping, *,
   `params` needs only the adapter leaves (a full tree or an adapter export's).
   `include_coeff=False` measures a_i b_i^T without the coefficients' signs.
   """
-  if model.adapter is None:
-    raise ValueError('The model has no adapters to analyse.')
+  if not isinstance(model.adapter, LowRank):
+    raise ValueError(f'Expert similarity is defined for MLAE and LoRA adapters; the model has '
+                     f'{model.adapter.NAME if model.adapter else "none"}.')
   flat = flatten(params)
   matrices = {}
-  for layer, settings in enumerate(model.layer_experts()):
-    for target in model.adapter.targets:
-      scope = adapter_scope(layer, target)
-      coeff = None
-      if include_coeff:
-        coeff = np.asarray(expert_coefficients(settings, flat.get(f'{scope}/coeff')))
-      matrices[layer, target] = expert_cosine_matrix(
-          flat[f'{scope}/A'], flat[f'{scope}/B'], coeff)
+  for site in model.adapter.sites(model.num_layers):
+    adapter = subtree(flat, adapter_scope(site))
+    coeff = np.asarray(model.adapter.coefficients(adapter)) if include_coeff else None
+    matrices[site.layer, site.name] = expert_cosine_matrix(adapter['A'], adapter['B'], coeff)
   return ExpertSimilarity(matrices)
 
 
@@ -140,9 +138,7 @@ def export_similarity(directory: str | os.PathLike, *,
   `adapter.npz` and `adapter_config.json`, no backbone checkpoint."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     description = json.load(f)
-  if not description.get('adapter'):
-    raise ValueError(f'{directory} holds no adapters (a plain fine-tuned model).')
   model = VisionTransformer(**description['model'],
-                            adapter=AdapterConfig(**description['adapter']))
+                            adapter=from_description(description['adapter']))
   params = unflatten(read_npz(os.path.join(directory, ADAPTER_FILE)))
   return expert_similarity(model, params, include_coeff=include_coeff)

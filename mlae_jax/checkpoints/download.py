@@ -7,7 +7,7 @@ import tempfile
 import urllib.error
 import urllib.request
 
-from mlae_jax.model.variants import get_variant
+from mlae_jax.checkpoints.variants import get_variant
 
 # The original ImageNet-21k releases (no Ti or S exist in this series).
 RELEASED = ('ViT-B_16', 'ViT-B_32', 'ViT-B_8', 'ViT-L_16', 'ViT-L_32', 'ViT-H_14')

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from flax import linen as nn
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,6 @@ import numpy as np
 from mlae_jax.checkpoints import layout
 from mlae_jax.checkpoints.npz import CheckpointError, check_finite, read_npz
 from mlae_jax.checkpoints.posemb import resize_pos_embedding
-from mlae_jax.model.vit import VisionTransformer
 from mlae_jax.partition import param_role
 
 POS_EMBEDDING = 'Transformer/posembed_input/pos_embedding'
@@ -20,7 +21,7 @@ POS_EMBEDDING = 'Transformer/posembed_input/pos_embedding'
 _DISCARDED = ('pre_logits/', 'head/')
 
 
-def init_params(model: VisionTransformer, rng: jax.Array, image_size: int = 224) -> dict:
+def init_params(model: nn.Module, rng: jax.Array, image_size: int = 224) -> dict:
   """Freshly initialised parameters for square images of `image_size`."""
   return jax.jit(model.init)(rng, _dummy_images(image_size, model.patch_size))['params']
 
@@ -34,7 +35,7 @@ def _dummy_images(image_size: int, patch_size: int) -> jax.Array:
   return jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
 
-def load_pretrained(path: str | os.PathLike, model: VisionTransformer, *, rng: jax.Array,
+def load_pretrained(path: str | os.PathLike, model: nn.Module, *, rng: jax.Array,
                     image_size: int = 224, keep_head: bool = False) -> dict:
   """Parameters for `model`: the backbone from `path`, adapters and head fresh.
 
@@ -69,7 +70,7 @@ def load_pretrained(path: str | os.PathLike, model: VisionTransformer, *, rng: j
 
 
 def _check_fits(loaded: dict[str, np.ndarray], expected: dict[str, tuple], path: Any,
-                model: VisionTransformer) -> None:
+                model: nn.Module) -> None:
   missing = sorted(set(expected) - set(loaded))
   unexpected = sorted(set(loaded) - set(expected))
   misshaped = sorted(key for key in set(loaded) & set(expected)

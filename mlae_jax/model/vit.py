@@ -4,12 +4,15 @@ The tree is that of the ImageNet-21k `.npz` files after flax's pre-Linen
 renumbering (see `mlae_jax.checkpoints.layout`): `embedding`, `cls`,
 `Transformer/posembed_input`, `Transformer/encoderblock_{i}/{LayerNorm_0,
 MultiHeadDotProductAttention_0/{query,key,value,out}, LayerNorm_1,
-MlpBlock_0/{Dense_0,Dense_1}}`, `Transformer/encoder_norm`, `head`. Adapters add
-`adapter_<target>` subtrees beside the layers they adapt.
+MlpBlock_0/{Dense_0,Dense_1}}`, `Transformer/encoder_norm`, `head`. A PEFT method
+(`mlae_jax.adapters`) acts at the sites of `mlae_jax.adapters.sites`: each site's
+output passes through the method, whose parameters are `adapter_<site>` subtrees
+beside the layer they adapt (and `adapter_shared` at the root).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -18,19 +21,34 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mlae_jax.adapters.config import (ATTENTION_TARGETS, MLP_TARGETS, AdapterConfig,
-                                      LayerExperts)
-from mlae_jax.adapters.experts import LowRankExperts
+from mlae_jax.adapters.method import Method, ModelInfo, SiteCall
+from mlae_jax.adapters.sites import ADAPTER_PREFIX, SHARED_SCOPE, Site
 from mlae_jax.model.attention import dot_product_attention
 from mlae_jax.model.drop_path import DropPath, block_drop_path_rates
-from mlae_jax.model.variants import get_variant
-from mlae_jax.partition import ADAPTER_PREFIX
+from mlae_jax.checkpoints.variants import get_variant
 
 Dtype = Any
 
 # Weights of the original ViT: N(0, 1e-6) biases, xavier-uniform kernels.
 _kernel_init = nn.initializers.xavier_uniform()
 _bias_init = nn.initializers.normal(stddev=1e-6)
+_QKV = ('query', 'key', 'value')
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptation:
+  """A method and the sites it acts on, as the model's modules see it."""
+  method: Method | None
+  sites: frozenset[Site]
+  info: ModelInfo
+
+  def __call__(self, site: Site, call: SiteCall, shared: Any, train: bool) -> jax.Array:
+    """The output of `site`: the method's, where it acts, else the base model's. Must
+    be called inside the compact method of the module that owns the site."""
+    if site not in self.sites:
+      return call.y
+    return self.method.adapt(site, call, shared, self.info, train=train,
+                             name=ADAPTER_PREFIX + site.name)
 
 
 class LinearWeights(nn.Module):
@@ -62,65 +80,59 @@ def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype: Dtype) -> j
 class SelfAttention(nn.Module):
   """Multi-head self-attention over the checkpoint's query/key/value/out weights.
 
-  The q, k and v products are taken separately (no per-step concatenation of the
-  frozen kernels). A 'qkv' adapter spans all three: its output columns are ordered
-  (q|k|v, head, head_dim) as timm's fused `attn.qkv`, so its B is interchangeable.
-  With `query_tokens`, only the first that many tokens attend (keys and values
-  still come from every token): the last block of a class-token classifier needs
-  no more.
+  q, k and v come from one product with the three kernels side by side, (q|k|v, head,
+  head_dim) as timm's fused `attn.qkv`: the 'qkv' site sees that map, the 'query',
+  'key' and 'value' sites its parts. With `query_tokens`, only the first that many
+  tokens attend (keys and values still come from every token): the last block of a
+  class-token classifier needs no more.
   """
   num_heads: int
-  adapters: tuple[str, ...] = ()
-  experts: LayerExperts | None = None
+  adapt: Adaptation
+  layer: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, query_tokens: int | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, shared: Any, *, train: bool,
+               query_tokens: int | None = None) -> jax.Array:
     d = x.shape[-1]
     heads, head_dim = self.num_heads, d // self.num_heads
-    adapter = functools.partial(
-        LowRankExperts, self.experts, dtype=self.dtype, param_dtype=self.param_dtype)
     weights = functools.partial(LinearWeights, param_dtype=self.param_dtype)
-    inputs = dict(query=x[:, :query_tokens], key=x, value=x)
-    projected = {name: _linear(inputs[name], *weights((d,), (heads, head_dim), name=name)(),
-                               self.dtype) for name in ('query', 'key', 'value')}
-    if 'qkv' in self.adapters:
-      deltas = jnp.split(adapter(3 * d, name=ADAPTER_PREFIX + 'qkv')(x, train=train), 3, axis=-1)
-      for name, delta in zip(('query', 'key', 'value'), deltas):
-        projected[name] += delta[:, :query_tokens] if name == 'query' else delta
-    for name in ('query', 'key', 'value'):
-      if name in self.adapters:
-        projected[name] += adapter(d, name=ADAPTER_PREFIX + name)(inputs[name], train=train)
-    q, k, v = (projected[n].reshape(projected[n].shape[:-1] + (heads, head_dim))
-               for n in ('query', 'key', 'value'))
-    attended = dot_product_attention(q, k, v).reshape(q.shape[:-2] + (d,))
+    kernels, biases = zip(*(weights((d,), (heads, head_dim), name=name)() for name in _QKV))
+    kernel, bias = jnp.concatenate(kernels, axis=1), jnp.concatenate(biases)
+    fused = self.adapt(Site('qkv', self.layer),
+                       SiteCall(x, _linear(x, kernel, bias, self.dtype), kernel, bias),
+                       shared, train)
+    q, k, v = (self.adapt(Site(name, self.layer), SiteCall(x, part, part_kernel, part_bias),
+                          shared, train).reshape(x.shape[:-1] + (heads, head_dim))
+               for name, part, part_kernel, part_bias
+               in zip(_QKV, jnp.split(fused, 3, axis=-1), kernels, biases))
+    attended = dot_product_attention(q[:, :query_tokens], k, v)
+    attended = attended.reshape(attended.shape[:-2] + (d,))
     kernel, bias = weights((heads, head_dim), (d,), name='out')()
-    y = _linear(attended, kernel, bias, self.dtype)
-    if 'out' in self.adapters:
-      y = y + adapter(d, name=ADAPTER_PREFIX + 'out')(attended, train=train)
-    return y
+    return self.adapt(Site('out', self.layer),
+                      SiteCall(attended, _linear(attended, kernel, bias, self.dtype), kernel,
+                               bias), shared, train)
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dense, with optional adapters on either dense layer."""
+  """Dense -> GELU -> Dense; the dense layers are the 'fc1' and 'fc2' sites."""
   mlp_dim: int
   gelu_approximate: bool
-  adapters: tuple[str, ...] = ()
-  experts: LayerExperts | None = None
+  adapt: Adaptation
+  layer: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, shared: Any, *, train: bool) -> jax.Array:
     d = x.shape[-1]
-    for index, (target, d_out) in enumerate((('fc1', self.mlp_dim), ('fc2', d))):
+    for index, (site, d_out) in enumerate((('fc1', self.mlp_dim), ('fc2', d))):
       kernel, bias = LinearWeights((x.shape[-1],), (d_out,), self.param_dtype,
                                    name=f'Dense_{index}')()
-      y = _linear(x, kernel, bias, self.dtype)
-      if target in self.adapters:
-        y = y + LowRankExperts(self.experts, d_out, self.dtype, self.param_dtype,
-                               name=ADAPTER_PREFIX + target)(x, train=train)
+      y = self.adapt(Site(site, self.layer),
+                     SiteCall(x, _linear(x, kernel, bias, self.dtype), kernel, bias),
+                     shared, train)
       x = nn.gelu(y, approximate=self.gelu_approximate) if index == 0 else y
     return x
 
@@ -128,39 +140,43 @@ class MlpBlock(nn.Module):
 class EncoderBlock(nn.Module):
   """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
-  With `class_token_only`, the block returns the first token alone (all tokens
-  still serve as keys and values): the same value, for the last block of a
-  classifier that reads the class token, at about a quarter of the work. In
-  training, both residual branches go through stochastic depth at
-  `drop_path_rate` (timm's `drop_path1` / `drop_path2`).
+  Sites: 'tokens' (the block's input), 'ln1', 'ln2', 'mlp' (the MLP branch's output
+  after stochastic depth, the term added to the residual stream x it reads through
+  'ln2'; x is the site's input), and those of its attention and MLP. With `class_token_only`, the block returns the first token alone (all tokens
+  still serve as keys and values): the same value, for the last block of a classifier
+  that reads the class token, at about a quarter of the work. In training, both
+  residual branches go through stochastic depth at `drop_path_rate` (timm's
+  `drop_path1` / `drop_path2`).
   """
   num_heads: int
   mlp_dim: int
   gelu_approximate: bool
-  adapters: tuple[str, ...] = ()
-  experts: LayerExperts | None = None
+  adapt: Adaptation
+  layer: int
   class_token_only: bool = False
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, shared: Any, *, train: bool) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False,
                              dtype=self.dtype, param_dtype=self.param_dtype)
-    shared = dict(experts=self.experts, dtype=self.dtype, param_dtype=self.param_dtype)
-    attention_adapters = tuple(t for t in self.adapters if t in ATTENTION_TARGETS)
-    mlp_adapters = tuple(t for t in self.adapters if t in MLP_TARGETS)
+    adapt = functools.partial(self.adapt, shared=shared, train=train)
+    common = dict(adapt=self.adapt, layer=self.layer, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
+    x = adapt(Site('tokens', self.layer), SiteCall(x, x))
     query_tokens = 1 if self.class_token_only else None
-    attended = SelfAttention(self.num_heads, attention_adapters, **shared,
-                             name='MultiHeadDotProductAttention_0')(
-                                 norm(name='LayerNorm_0')(x), train=train,
-                                 query_tokens=query_tokens)
+    normed = adapt(Site('ln1', self.layer), SiteCall(x, norm(name='LayerNorm_0')(x)))
+    attended = SelfAttention(self.num_heads, **common, name='MultiHeadDotProductAttention_0')(
+        normed, shared, train=train, query_tokens=query_tokens)
     x = x[:, :query_tokens] + DropPath(self.drop_path_rate, name='drop_path_0')(
         attended, train=train)
-    mlp = MlpBlock(self.mlp_dim, self.gelu_approximate, mlp_adapters, **shared,
-                   name='MlpBlock_0')(norm(name='LayerNorm_1')(x), train=train)
-    return x + DropPath(self.drop_path_rate, name='drop_path_1')(mlp, train=train)
+    normed = adapt(Site('ln2', self.layer), SiteCall(x, norm(name='LayerNorm_1')(x)))
+    mlp = MlpBlock(self.mlp_dim, self.gelu_approximate, **common, name='MlpBlock_0')(
+        normed, shared, train=train)
+    mlp = DropPath(self.drop_path_rate, name='drop_path_1')(mlp, train=train)
+    return x + adapt(Site('mlp', self.layer), SiteCall(x, mlp))
 
 
 class AddPositionEmbs(nn.Module):
@@ -180,7 +196,7 @@ class VisionTransformer(nn.Module):
   Attributes:
     num_classes: size of the zero-initialised head.
     patch_size, hidden_size, mlp_dim, num_heads, num_layers: the model size.
-    adapter: MLAE/LoRA placement and masks; None for the plain ViT.
+    adapter: the PEFT method (`mlae_jax.adapters`); None for the plain ViT.
     gelu_approximate: tanh GELU (as the checkpoints were trained in vit_jax) or,
       by default, exact erf GELU (as timm, which produced the paper's numbers).
     drop_path_rate: stochastic depth of the last block (timm's `drop_path_rate`);
@@ -196,7 +212,7 @@ class VisionTransformer(nn.Module):
   mlp_dim: int
   num_heads: int
   num_layers: int
-  adapter: AdapterConfig | None = None
+  adapter: Method | None = None
   gelu_approximate: bool = False
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
@@ -215,31 +231,35 @@ class VisionTransformer(nn.Module):
     if not (isinstance(self.drop_path_rate, (int, float)) and 0 <= self.drop_path_rate < 1):
       raise ValueError(f'VisionTransformer: drop_path_rate must lie in [0, 1), got '
                        f'{self.drop_path_rate!r}.')
-    if self.adapter is not None and not isinstance(self.adapter, AdapterConfig):
-      raise ValueError(f'VisionTransformer: adapter must be an AdapterConfig or None, got '
-                       f'{self.adapter!r}.')
+    if self.adapter is not None and not isinstance(self.adapter, Method):
+      raise ValueError(f'VisionTransformer: adapter must be a method of mlae_jax.adapters or '
+                       f'None, got {self.adapter!r}.')
     super().__post_init__()
 
-  def layer_experts(self) -> tuple[LayerExperts | None, ...]:
-    """The adapter settings of each block (None without adapters)."""
-    if self.adapter is None:
-      return (None,) * self.num_layers
-    return self.adapter.layer_experts(self.num_layers)
+  def adaptation(self) -> Adaptation:
+    """The method and the sites it acts on in this model."""
+    info = ModelInfo(self.hidden_size, self.mlp_dim, self.num_heads, self.num_layers,
+                     self.patch_size, self.dtype, self.param_dtype)
+    sites = frozenset(self.adapter.sites(self.num_layers) if self.adapter else ())
+    return Adaptation(self.adapter, sites, info)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     p = self.patch_size
-    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                param_dtype=self.param_dtype, name='embedding')(images.astype(self.dtype))
-    batch = x.shape[0]
-    x = x.reshape(batch, -1, self.hidden_size)
+    adapt = self.adaptation()
+    shared = self.adapter.shared(adapt.info, name=SHARED_SCOPE) if self.adapter else None
+    conv = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                   param_dtype=self.param_dtype, name='embedding')
+    images = images.astype(self.dtype)
+    batch = images.shape[0]
+    x = adapt(Site('embedding'), SiteCall(images, conv(images).reshape(
+        batch, -1, self.hidden_size)), shared, train)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, self.hidden_size), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.hidden_size)),
                          x], axis=1)
-    x = Encoder(self.num_heads, self.mlp_dim, self.gelu_approximate,
-                self.adapter.targets if self.adapter else (), self.layer_experts(),
+    x = Encoder(self.num_heads, self.mlp_dim, self.gelu_approximate, adapt,
                 class_token_only=True, drop_path_rate=self.drop_path_rate, dtype=self.dtype,
-                param_dtype=self.param_dtype, name='Transformer')(x, train=train)
+                param_dtype=self.param_dtype, name='Transformer')(x, shared, train=train)
     pre_logits = x[:, 0]
     self.sow('intermediates', 'pre_logits', pre_logits)
     head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
@@ -248,7 +268,8 @@ class VisionTransformer(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Position embedding, the blocks (`encoderblock_{i}`) and the final LayerNorm.
+  """Position embedding, the blocks (`encoderblock_{i}`) and the final LayerNorm (the
+  'encoder_norm' site).
 
   With `class_token_only`, only the class token's features come out (batch, 1,
   hidden), and the last block computes no more than they need.
@@ -256,28 +277,28 @@ class Encoder(nn.Module):
   num_heads: int
   mlp_dim: int
   gelu_approximate: bool
-  adapters: tuple[str, ...]
-  layer_experts: tuple[LayerExperts | None, ...]
+  adapt: Adaptation
   class_token_only: bool = False
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, shared: Any = None, *, train: bool) -> jax.Array:
     x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
-    last = len(self.layer_experts) - 1
-    rates = block_drop_path_rates(self.drop_path_rate, len(self.layer_experts))
-    for index, experts in enumerate(self.layer_experts):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.gelu_approximate, self.adapters,
-                       experts, class_token_only=self.class_token_only and index == last,
+    depth = self.adapt.info.num_layers
+    rates = block_drop_path_rates(self.drop_path_rate, depth)
+    for index in range(depth):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, self.gelu_approximate, self.adapt, index,
+                       class_token_only=self.class_token_only and index == depth - 1,
                        drop_path_rate=rates[index], dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f'encoderblock_{index}')(x, train=train)
-    return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name='encoder_norm')(x)
+                       name=f'encoderblock_{index}')(x, shared, train=train)
+    normed = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name='encoder_norm')(x)
+    return self.adapt(Site('encoder_norm'), SiteCall(x, normed), shared, train)
 
 
-def create_model(name: str, num_classes: int, *, adapter: AdapterConfig | None = None,
+def create_model(name: str, num_classes: int, *, adapter: Method | None = None,
                  **overrides: Any) -> VisionTransformer:
   """A ViT of a named size ('ViT-B_16', 'B/16', ...); `overrides` change any field."""
   variant = get_variant(name)

@@ -28,6 +28,7 @@ from mlae_jax.checkpoints.download import CheckpointDownloadError
 from mlae_jax.files import read_json, write_json
 from mlae_jax.sweeps import layout, runner
 from mlae_jax.sweeps.runner import Run, TrainFn
+from mlae_jax.training import config_checks
 from mlae_jax.training.errors import RunError
 from mlae_jax.training.workdir import RESULTS_FILE
 
@@ -39,8 +40,8 @@ STAGE_SPLITS = {
     'fgvc': {'search': ('train', 'val'), 'final': ('train', 'test')},
 }
 STAGES = ('search', 'final')
-RESERVED = {**runner.RESERVED, 'mlae.drop_rate': 'the search sets it',
-            'mlae.coeff_init': 'the search sets it',
+RESERVED = {**runner.RESERVED, 'adapter.mlae.drop_rate': 'the search sets it',
+            'adapter.mlae.coeff_init': 'the search sets it',
             'data.train_split': 'each stage sets it', 'data.eval_split': 'each stage sets it'}
 RULE = ('the highest final-epoch accuracy on {split}, counted in correctly classified '
         'examples summed over the search seeds (the accuracy itself when a run does not '
@@ -76,9 +77,10 @@ def _stage_config(benchmark: str, stage: str, task: str, seed: int, point: GridP
   for layer in overrides:
     runner.apply_overrides(config, layer, reserved=RESERVED)
   config.seed = seed
-  config.mlae.drop_rate, config.mlae.coeff_init = point.drop_rate, point.coeff_init
+  config.adapter.mlae.drop_rate, config.adapter.mlae.coeff_init = (point.drop_rate,
+                                                                 point.coeff_init)
   config.data.train_split, config.data.eval_split = _splits(benchmark, stage)
-  return config
+  return config_checks.resolve(config)
 
 
 def search_runs(benchmark: str, task: str, root: str, seeds: Sequence[int],
@@ -150,7 +152,7 @@ def search_record(benchmark: str, task: str, points: Sequence[GridPoint],
   """The search's record: the protocol, every point's results, and the choice (None
   until every point has finished)."""
   per_point = {point: [run for run in runs if
-                       (run.config.mlae.drop_rate, run.config.mlae.coeff_init) ==
+                       (run.config.adapter.mlae.drop_rate, run.config.adapter.mlae.coeff_init) ==
                        (point.drop_rate, point.coeff_init)] for point in points}
   records = [_point_record(point, per_point[point]) for point in points]
   search_split, final_split = _splits(benchmark, 'search'), _splits(benchmark, 'final')

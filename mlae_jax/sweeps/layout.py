@@ -4,7 +4,8 @@ A sweep run's workdir is `<root>/<benchmark>/<task>/seed_<n>`, and the grid sear
 points are `<root>/grid/<benchmark>/<task>/p<p>_coeff<c>/seed_<n>`. A run is finished
 when its workdir holds the `results.json` that `train_and_evaluate` writes last, parsed
 and complete, and unfinished otherwise when the workdir exists (training resumes from
-its checkpoints; `mlae_jax.training.workdir` owns a workdir's layout).
+its checkpoints; `mlae_jax.training.workdir` owns a workdir's layout, and says how far
+one got: `latest_checkpoint_epoch`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 
-from mlae_jax.training.workdir import CHECKPOINT_DIR, results_complete
+from mlae_jax.training.workdir import results_complete
 
 GRID_DIR = 'grid'
 CHOICE_FILE = 'choice.json'
@@ -45,16 +46,6 @@ def status(workdir: str) -> str:
   if results_complete(workdir):
     return FINISHED
   return UNFINISHED if os.path.isdir(workdir) else NEW
-
-
-def latest_checkpoint_epoch(workdir: str) -> int | None:
-  """The epochs completed by the newest checkpoint in `workdir` (orbax names its steps
-  by number; training numbers them by epoch), for progress messages only."""
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  epochs = [int(name) for name in os.listdir(directory) if name.isdigit()]
-  return max(epochs, default=None)
 
 
 def seed_dirs(task_dir: str) -> dict[int, str]:

@@ -83,13 +83,13 @@ def benchmark_markdown(table: Table) -> str:
   wide = [['ours, final epoch'] + [_cell(row, 'final', False) for row in table.rows],
           ['ours, best of evaluations'] + [_cell(row, 'best', False) for row in table.rows]]
   if has_paper:
-    wide.insert(0, [paper.METHOD] + [_number(row.paper) or '—' for row in table.rows])
+    wide.insert(0, [table.paper_label] + [_number(row.paper) or '—' for row in table.rows])
   lines += _markdown_table(['method'] + [row.short for row in table.rows], wide) + ['']
 
   header = ['task / average', 'group', 'seeds', 'setting', 'final epoch',
             'best of evaluations']
   if has_paper:
-    header += [paper.METHOD, 'best of evaluations − paper']
+    header += [table.paper_label, 'best of evaluations − paper']
   detail = []
   for row in table.rows:
     line = [row.label if row.kind == 'task' else f'**{row.label}**', row.group, _seeds(row),
@@ -107,9 +107,13 @@ def benchmark_markdown(table: Table) -> str:
                    f'{", ".join(row.missing)}.')
   lines += [f'- {note}' for note in table.notes]
   if table.benchmark.name == 'vtab':
-    others = ', '.join(f'{name} {value}' for name, value in
-                       paper.OTHER_METHODS_VTAB_MEAN_OF_GROUP_MEANS.items())
-    lines.append(f'- For reference, the paper\'s mean of group means for {others}.')
+    rows = {**paper.VTAB_TABLE_1, **paper.OTHER_VTAB_ROWS}
+    others = ', '.join(f'{row.label} ({row.params_m:g}M) '
+                       f'{paper.paper_average(table.benchmark, row, "mean_of_group_means"):.1f}' for row in rows.values())
+    lines.append(f'- For reference, the paper\'s Table 1, mean of group means: {others}.')
+  if table.benchmark.name == 'fgvc':
+    means = ', '.join(f'{name} {value}' for name, value in paper.FGVC_MEANS.items())
+    lines.append(f'- For reference, the paper\'s FGVC means (its table 2): {means}.')
   return '\n'.join(lines) + '\n'
 
 
@@ -194,7 +198,7 @@ def plot(table: Table, path: str) -> None:
   if with_paper:
     axes.bar(x + 0.5 * (len(series) + with_paper - 1) * width,
              [np.nan if row.paper is None else row.paper for row in rows], width,
-             label=paper.METHOD, color='#7f7f7f')
+             label=table.paper_label, color='#7f7f7f')
   for position, row in zip(x, rows):
     if not row.complete:
       axes.text(position, 1, MISSING if row.kind == 'task' else INCOMPLETE, rotation=90,

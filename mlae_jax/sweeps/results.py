@@ -28,7 +28,7 @@ from mlae_jax.sweeps import layout, paper
 from mlae_jax.sweeps.benchmarks import Benchmark, get_benchmark, group_of
 from mlae_jax.sweeps.table import (METRICS, STD_NOTE, Collected, Row, RunRecord, Stat,
                                    Table)
-from mlae_jax.training.workdir import CONFIG_FILE, RESULTS_FILE
+from mlae_jax.training.workdir import CONFIG_FILE, RESULTS_FILE, latest_checkpoint_epoch
 
 def read_run(benchmark: str, task: str, seed: int, workdir: str) -> RunRecord:
   """The RunRecord of a finished workdir; ValueError names a file that cannot be used."""
@@ -45,7 +45,7 @@ def read_run(benchmark: str, task: str, seed: int, workdir: str) -> RunRecord:
   config_path = os.path.join(workdir, CONFIG_FILE)
   if os.path.isfile(config_path):
     try:
-      mlae = read_json(config_path).get('mlae', {})
+      mlae = read_json(config_path).get('adapter', {}).get('mlae', {})
       drop_rate, coeff_init = mlae.get('drop_rate'), mlae.get('coeff_init')
     except (OSError, ValueError, AttributeError):
       pass  # The settings column is informative only.
@@ -98,7 +98,9 @@ def summarize(collected: Collected, benchmark_name: str) -> Table:
     by_task[run.task][run.seed] = run
   found_tasks = tuple(set(by_task) | {u[1] for u in unfinished})
   benchmark = get_benchmark(benchmark_name, found_tasks)
-  paper_accuracy = paper.ACCURACY.get(benchmark.name, {})
+  methods = {run.method for run in runs}
+  paper_row = paper.paper_row(benchmark.name, methods.pop()) if len(methods) == 1 else None
+  paper_accuracy = paper_row.accuracy if paper_row else {}
   extra_tasks = sorted(set(found_tasks) - set(benchmark.tasks))
 
   rows = []
@@ -137,13 +139,15 @@ def summarize(collected: Collected, benchmark_name: str) -> Table:
     rows.append(Row(aggregate.name, aggregate.label, aggregate.short, 'aggregate', '',
                     stats['final'],
                     stats['best'], paper_value, missing=missing, std_note=std_note))
-  return Table(benchmark, tuple(rows), _notes(benchmark, runs, unfinished, extra_tasks), runs)
+  return Table(benchmark, tuple(rows),
+               _notes(benchmark, runs, unfinished, extra_tasks, paper_row is not None), runs,
+               paper_row.column if paper_row else '')
 
 
 def _notes(benchmark: Benchmark, runs: Sequence[RunRecord], unfinished: Sequence[tuple],
-           extra_tasks: Sequence[str]) -> tuple[str, ...]:
+           extra_tasks: Sequence[str], with_paper: bool) -> tuple[str, ...]:
   notes = [STD_NOTE]
-  if benchmark.name in paper.ACCURACY:
+  if with_paper:
     notes.append(paper.PROTOCOL_NOTE)
   for field in ('epochs', 'method', 'model'):
     counts = collections.Counter(getattr(run, field) for run in runs)
@@ -155,7 +159,7 @@ def _notes(benchmark: Benchmark, runs: Sequence[RunRecord], unfinished: Sequence
     notes.append(f'Not {benchmark.title} tasks, listed but in no average: '
                  f'{", ".join(extra_tasks)}.')
   for _, task, seed, workdir in unfinished:
-    epoch = layout.latest_checkpoint_epoch(workdir)
+    epoch = latest_checkpoint_epoch(workdir)
     progress = f'checkpoint after epoch {epoch}' if epoch else 'no checkpoint yet'
     notes.append(f'Unfinished, not counted: {task} seed {seed} ({progress}; {workdir}).')
   return tuple(notes)

@@ -30,6 +30,7 @@ import ml_collections
 from mlae_jax import cli
 from mlae_jax.checkpoints.download import CheckpointDownloadError
 from mlae_jax.sweeps import layout
+from mlae_jax.training import config_checks
 from mlae_jax.training import workdir as run_files
 from mlae_jax.training.errors import RunError, TrainingDiverged
 from mlae_jax.training.workdir import WorkdirConflict
@@ -42,7 +43,7 @@ SKIPPED, TRAINED, RESUMED, FAILED = 'skipped', 'trained', 'resumed', 'failed'
 RESERVED = {
     'seed': 'the sweep sets it from --seeds',
     'baselines': 'a sweep trains one method per root; sweep a baseline under its own root '
-                 '(e.g. --config.mlae.method=lora --root=runs/lora)',
+                 '(e.g. --config.adapter.method=lora --root=runs/lora)',
 }
 
 
@@ -154,11 +155,11 @@ def task_config(benchmark: str, task: str, seed: int, overrides: Mapping[str, An
                 configs_dir: str | None = None,
                 module: Any = None) -> ml_collections.ConfigDict:
   """The run config of (task, seed): the config file's get_config(task), the overrides,
-  then the seed."""
+  then the seed, made whole by the method's recipe and checked (`config_checks.resolve`)."""
   module = module or load_config_module(benchmark, configs_dir)
   config = apply_overrides(module.get_config(task), overrides, reserved=RESERVED)
   config.seed = seed
-  return config
+  return config_checks.resolve(config)
 
 
 def check_workdir(run: Run) -> bool:
@@ -205,7 +206,7 @@ def describe(run: Run) -> str:
   """The run's state, e.g. 'finished', 'unfinished (checkpoint after epoch 25)', 'new'."""
   state = layout.status(run.workdir)
   if state == layout.UNFINISHED:
-    epoch = layout.latest_checkpoint_epoch(run.workdir)
+    epoch = run_files.latest_checkpoint_epoch(run.workdir)
     return f'{state} (checkpoint after epoch {epoch})' if epoch else f'{state} (no checkpoint)'
   return state
 

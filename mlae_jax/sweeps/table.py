@@ -74,6 +74,7 @@ class Table:
   rows: tuple[Row, ...]
   notes: tuple[str, ...]
   runs: tuple[RunRecord, ...]
+  paper_label: str = ''  # The column of the paper's row of the runs' method ('' if none).
 
   def row(self, name: str) -> Row:
     for row in self.rows:

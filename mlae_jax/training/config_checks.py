@@ -1,4 +1,6 @@
-"""Validation of a run config, with messages that name the field and the fix."""
+"""A run config made whole and checked once, at the entry: the method's recipe fills
+the fields left unset, and every value is validated with a message that names the field
+and the fix."""
 
 from __future__ import annotations
 
@@ -7,29 +9,35 @@ from typing import Any
 
 import ml_collections
 
-from mlae_jax.adapters.config import AdapterConfig, is_number
-from mlae_jax.model.variants import get_variant
+from mlae_jax.adapters.method import Method, is_number
+from mlae_jax.adapters.registry import METHODS, from_config_group
+from mlae_jax.checkpoints.variants import get_variant
 from mlae_jax.training.optimizer import WEIGHT_DECAY_RULES
 from mlae_jax.training.precision import DTYPE_NAMES
 from mlae_jax.training.schedules import SCHEDULES
 
-# Baselines a run can be compared with: their changes to `config.mlae`.
-BASELINES = {
-    'linear_probe': {'method': 'none'},
-    'lora': {'method': 'lora', 'drop_rate': 0.0, 'coeff_init': 1.0, 'adaptive_coeff': True,
-             'mask': 'stochastic', 'pattern': 'uniform'},
-}
+# Fields a method's paper recipe sets when a run config leaves them None.
+RECIPE_FIELDS = ('learning_rate', 'weight_decay', 'epochs')
 
 
-def adapter_config(config: ml_collections.ConfigDict) -> AdapterConfig | None:
-  """The AdapterConfig of `config.mlae` (None when method is 'none')."""
-  fields = config.mlae.to_dict()
-  if fields.get('method') == 'none':
-    return None
-  try:
-    return AdapterConfig(**fields)
-  except TypeError as error:
-    raise ValueError(f'Bad config: config.mlae has an unknown field ({error}).') from None
+def method_of(config: ml_collections.ConfigDict) -> Method:
+  """The Method that `config.adapter` selects."""
+  return from_config_group(config.adapter)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with its method's recipe in the fields it leaves None, checked
+  by `validate`: what a run trains with and records."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise TypeError(f'A run config must be an ml_collections.ConfigDict (e.g. from '
+                    f'mlae_jax.training.defaults.base_config()), got {type(config).__name__}.')
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  recipe = method_of(config).recipe(config.data.source)
+  for field in RECIPE_FIELDS:
+    if resolved.get(field) is None:
+      resolved[field] = recipe[field]
+  validate(resolved)
+  return resolved
 
 
 _MODEL_SIZES = ('patch_size', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers')
@@ -94,15 +102,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(config.schedule in SCHEDULES, 'schedule', config.schedule, f'use one of {SCHEDULES}')
   number('warmup_epochs', config.warmup_epochs, f'in [0, epochs={config.epochs})',
          lambda v: 0 <= v < config.epochs)
-  adapter_config(config)
+  method_of(config)
   for name in config.get('baselines', ()):
-    require(name in BASELINES, 'baselines', tuple(config.baselines),
-            f'each must be one of {tuple(BASELINES)}')
+    require(name in METHODS, 'baselines', tuple(config.baselines),
+            f'each must be a method, one of {tuple(METHODS)}')
 
 
 def baseline_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """`config` with its adapter replaced by baseline `name` (and no baselines of its own)."""
+  """`config` with method `name` (at its config.adapter.<name> settings) in place of its
+  own, and no baselines of its own."""
   baseline = ml_collections.ConfigDict(config.to_dict())
-  baseline.mlae.update(BASELINES[name])
+  baseline.adapter.method = name
   baseline.baselines = ()
   return baseline

@@ -12,6 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
   it follows): stochastic depth 0.1, SPT's weight-decay groups, timm's per-epoch
   cosine stepped as SPT steps it, and SPT's evaluation schedule. README,
   "Reproducing the paper", lists every setting and where each comes from."""
+  from mlae_jax.adapters.registry import config_group
   from mlae_jax.data.build import default_data_config
 
   config = ml_collections.ConfigDict()
@@ -34,30 +35,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.cache_dir = ''  # '' = $MLAE_JAX_CACHE or ~/.cache/mlae_jax.
   config.download = True
 
-  config.mlae = ml_collections.ConfigDict()
-  config.mlae.method = 'mlae'
-  config.mlae.targets = ('qkv',)
-  config.mlae.rank = 8
-  config.mlae.drop_rate = 0.5
-  config.mlae.mask = 'stochastic'
-  config.mlae.pattern = 'uniform'
-  config.mlae.pattern_seed = 0
-  config.mlae.coeff_init = 1.0
-  config.mlae.adaptive_coeff = True
-  config.mlae.per_example_mask = False
-  config.mlae.input_dropout = 0.0
-  config.mlae.lora_alpha = placeholder(float)
-  # Also train the biases of the adapted layers (the authors' layer leaves its qkv
-  # bias trainable; whether their runs trained it is unpublished).
-  config.mlae.train_bias = False
+  # The PEFT method: config.adapter.method names it, config.adapter.<method> holds its
+  # fields (each method's dataclass in mlae_jax.adapters, at its defaults).
+  config.adapter = config_group('mlae')
+  config.adapter.mlae.drop_rate = 0.5
 
   config.data = default_data_config()
 
-  config.epochs = 500
+  # None: the method's paper recipe (its RECIPE; MLAE: 500 epochs on VTAB-1k, 300 on
+  # FGVC, lr 5e-4; most PEFT baselines: 100 epochs, lr 1e-3), resolved at the start.
+  config.epochs = placeholder(int)
   config.batch_size = 64
   config.eval_batch_size = 256
-  config.learning_rate = 5e-4
-  config.weight_decay = 1e-4
+  config.learning_rate = placeholder(float)
+  config.weight_decay = placeholder(float)
   # 'spt': no decay for 1-D parameters (coefficients, biases, norms) and biases, as
   # SPT's set_weight_decay; 'all': decay every trained parameter.
   config.weight_decay_rule = 'spt'
@@ -76,9 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_last_epochs = 10
   config.checkpoint_every_epochs = 25
   config.keep_checkpoints = 2
-  config.export_merged = True
+  config.export_merged = True  # For methods that merge (the others export adapters only).
   config.progress_bar = True
-  # Also train these on the same task, each in <workdir>/baselines/<name>, and compare:
-  # 'linear_probe' (head only) and 'lora' (LoRA of the same rank and placement).
+  # Also train these methods on the same task, each in <workdir>/baselines/<name> at
+  # its config.adapter.<name> settings and recipe, and compare (e.g. 'linear_probe',
+  # 'lora', 'bitfit').
   config.baselines = ()
   return config

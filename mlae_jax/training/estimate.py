@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from mlae_jax.data.task_data import TaskData
+from mlae_jax.training import config_checks
 from mlae_jax.training.run_setup import build_run, global_eval_batch
 from mlae_jax.training.schedules import evaluation_count
 
@@ -58,15 +59,16 @@ def estimate_training(config: ml_collections.ConfigDict, data: TaskData,
   """Times `config`'s train step (batch config.batch_size) and eval step (a batch of
   config.eval_batch_size, its copy to the devices included) on `data`, and scales them to
   the whole run: config.epochs epochs and the evaluations SPT's schedule makes."""
+  config = config_checks.resolve(config)
   run = build_run([config], data)
-  state, frozen, images, labels, step_args = run.on_devices(run.states, data)
+  state, frozen, images, labels, drop_rates = run.on_devices(run.states, data)
   order = run.order_fn(jax.random.fold_in(run.order_key, 0))
   batch = next(iter(data.eval_batches(config.eval_batch_size)))
 
   def train() -> None:
     nonlocal state
     state, metrics = run.step_fn(state, frozen, images, labels, order, np.int32(0),
-                                 run.train_key, *step_args)
+                                 run.train_key, drop_rates)
     jax.block_until_ready(metrics)
 
   def evaluate() -> None:

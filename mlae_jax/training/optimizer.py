@@ -18,7 +18,7 @@ from mlae_jax.training.schedules import learning_rate_schedule
 # 'all': the configured decay on every trained parameter.
 WEIGHT_DECAY_RULES = ('spt', 'all')
 # Our names of timm's VisionTransformer.no_weight_decay() entries (cls_token, pos_embed):
-# part of SPT's rule, in effect only for a run that trains them (no current method does).
+# part of SPT's rule, in effect for a run that trains them (full fine-tuning).
 _TIMM_NO_WEIGHT_DECAY = ('cls', 'Transformer/posembed_input/pos_embedding')
 
 

@@ -84,9 +84,8 @@ class RunRecorder:
     shutil.rmtree(partial, ignore_errors=True)
     extra = {'task': data.name, 'image_size': image_size, 'mean': list(data.mean),
              'std': list(data.std), 'pretrained': config.pretrained}
-    if model.adapter is not None:
-      _write_output(partial, lambda path: export_adapters(path, model, params, extra))
-    if config.export_merged:
+    _write_output(partial, lambda path: export_adapters(path, model, params, extra))
+    if config.export_merged and model.adapter.MERGEABLE:
       _write_output(os.path.join(partial, 'merged.npz'),
                     lambda path: export_merged(path, model, params))
     if not os.path.isdir(partial):

@@ -18,7 +18,7 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mlae_jax.adapters.experts import drop_rate_variables
-from mlae_jax.adapters.placement import tuned_paths
+from mlae_jax.adapters.low_rank import Mlae
 from mlae_jax.checkpoints.download import resolve_checkpoint
 from mlae_jax.checkpoints.pretrained import init_params, load_pretrained
 from mlae_jax.data.augment import train_augmentation
@@ -38,7 +38,7 @@ def create_model_from_config(config: ml_collections.ConfigDict,
                ('patch_size', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers')
                if config.model[field] is not None}
   return create_model(config.model.name, num_classes,
-                      adapter=config_checks.adapter_config(config),
+                      adapter=config_checks.method_of(config),
                       gelu_approximate=config.model.gelu_approximate,
                       drop_path_rate=float(config.model.drop_path_rate),
                       dtype=choose_compute_dtype(config.model.dtype).dtype, **overrides)
@@ -63,11 +63,11 @@ class RunSetup:
   mesh: jax.sharding.Mesh
   precision: ComputeDtype
   models: list[VisionTransformer]
-  tuned: frozenset[str]
+  tuned: tuple[str, ...]  # Patterns of the backbone leaves trained in place.
   frozen: Any
   states: list[TrainState]
   schedule: optax.Schedule
-  drop_rates: Any  # Stacked per-config drop rates (K > 1), else None.
+  drop_rates: Any  # Stacked per-config MLAE drop rates (empty trees for other methods).
   num_train: int
   steps_per_epoch: int
   image_size: int
@@ -83,13 +83,13 @@ class RunSetup:
     return len(self.configs)
 
   def on_devices(self, states: Sequence[TrainState], data: TaskData) -> tuple[Any, ...]:
-    """(state, frozen, images, labels, step_args) replicated over the mesh: the K states
-    stacked on a leading axis when K > 1, the training set held on the devices."""
+    """(state, frozen, images, labels, drop_rates) replicated over the mesh: the K states
+    stacked on a leading axis, the training set held on the devices."""
     replicated = parallel.replicated(self.mesh)
-    state = states[0] if self.count == 1 else stack_configs(states)
-    state, frozen, drop_rates = jax.device_put((state, self.frozen, self.drop_rates), replicated)
+    state, frozen, drop_rates = jax.device_put(
+        (stack_configs(states), self.frozen, self.drop_rates), replicated)
     images, labels = jax.device_put((data.train_images, data.train_labels), replicated)
-    return state, frozen, images, labels, (() if self.count == 1 else (drop_rates,))
+    return state, frozen, images, labels, drop_rates
 
 
 def build_run(configs: Sequence[ml_collections.ConfigDict], data: TaskData) -> RunSetup:
@@ -109,14 +109,13 @@ def build_run(configs: Sequence[ml_collections.ConfigDict], data: TaskData) -> R
   logging.info('Compute dtype %s (%s).', precision.name, precision.reason)
   models = [create_model_from_config(c, data.num_classes) for c in configs]
   init_key, train_key, order_key = jax.random.split(jax.random.key(config.seed), 3)
-  tuned = tuned_paths(models[0].adapter, models[0].num_layers)
+  tuned = models[0].adapter.trained_patterns(models[0].num_layers)
   trainable, frozen = split_trainable(initial_params(config, models[0], init_key, image_size),
                                       tuned)
   # Same key, so the same A and head as separate runs; only the coefficients differ.
-  trainables = [_with_coefficients(trainable, c.mlae.coeff_init) for c in configs]
+  trainables = [_with_coefficients(trainable, c.adapter.mlae.coeff_init) for c in configs]
   tx, schedule = optimizer_from_config(config, trainable, steps_per_epoch)
-  drop_rates = None if count == 1 else stack_configs([
-      drop_rate_variables(m.layer_experts(), trainable) for m in models])
+  drop_rates = stack_configs([_drop_rates(m, trainable) for m in models])
   replicated = parallel.replicated(mesh)
   cfg = StepConfig(models[0], tx, config.batch_size, tuple(data.mean), tuple(data.std),
                    train_augmentation(data) if data.train_crop else None,
@@ -134,9 +133,16 @@ def build_run(configs: Sequence[ml_collections.ConfigDict], data: TaskData) -> R
       finite_fn=jax.jit(functools.partial(_finite_configs, count=count)))
 
 
+def _drop_rates(model: VisionTransformer, trainable: dict) -> dict:
+  """The traced expert drop rates of an MLAE model (through which K configurations with
+  different rates share one compiled step); {} for other methods."""
+  if not isinstance(model.adapter, Mlae):
+    return {}
+  return drop_rate_variables(model.adapter.layer_experts(model.num_layers), trainable)
+
+
 def _finite_configs(trainable: Any, count: int) -> jax.Array:
-  """(K,) bools: whether every trained parameter of each configuration is finite (K = 1:
-  leaves without a config axis, read as one row)."""
+  """(K,) bools: whether every trained parameter of each configuration is finite."""
   return jnp.stack([jnp.isfinite(leaf).reshape(count, -1).all(1)
                     for leaf in jax.tree.leaves(trainable)]).all(0)
 

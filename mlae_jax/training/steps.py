@@ -129,9 +129,7 @@ def stack_configs(trees: Sequence[Any]) -> Any:
 
 
 def unstack_configs(tree: Any, count: int) -> list[Any]:
-  """The K trees of a stacked one (for K = 1, the unstacked tree itself)."""
-  if count == 1:
-    return [tree]
+  """The K trees of a stacked one."""
   return [jax.tree.map(lambda leaf: leaf[k], tree) for k in range(count)]
 
 
@@ -145,7 +143,9 @@ def configs_per_pass(configs: int) -> int:
 
 
 def _over_configs(step, configs: int, per_pass: int | None, shared: tuple[int, ...]):
-  """`step` mapped over a leading config axis of every argument not in `shared`."""
+  """`step` mapped over a leading config axis of every argument not in `shared`: all
+  side by side (vmapped) when `per_pass` covers them (K = 1 included), else in groups
+  of `per_pass` one after another."""
   per_pass = per_pass or configs_per_pass(configs)
 
   def mapped(*args):
@@ -157,32 +157,30 @@ def _over_configs(step, configs: int, per_pass: int | None, shared: tuple[int, .
         full[i] = value
       return step(*full)
 
-    return jax.lax.map(one, tuple(args[i] for i in own), batch_size=per_pass)
+    values = tuple(args[i] for i in own)
+    if per_pass >= configs:
+      return jax.vmap(one)(values)
+    return jax.lax.map(one, values, batch_size=per_pass)
 
   return mapped
 
 
 def jit_train_step(cfg: StepConfig, replicated: jax.sharding.Sharding, configs: int = 1,
                    per_pass: int | None = None):
-  """`train_step` compiled for `cfg`: the state is donated (updated in place) and
-  comes back replicated over the mesh.
-
-  With `configs` = K > 1, it trains K configurations in one step: the states and
-  drop rates carry a leading axis of K, and everything else (batch, masks' key,
-  backbone) is shared. `per_pass` of them are computed side by side (default:
-  `configs_per_pass`).
-  """
-  step = functools.partial(train_step, cfg=cfg)
-  if configs > 1:
-    step = _over_configs(step, configs, per_pass, shared=(1, 2, 3, 4, 5, 6))
+  """`train_step` compiled for `cfg` over K = `configs` configurations (K = 1 a run of
+  one): the states and drop rates carry a leading axis of K (`stack_configs`), and
+  everything else (batch, masks' key, backbone) is shared. `per_pass` of them are
+  computed side by side (default: `configs_per_pass`). The states are donated (updated
+  in place) and come back replicated over the mesh."""
+  step = _over_configs(functools.partial(train_step, cfg=cfg), configs, per_pass,
+                       shared=(1, 2, 3, 4, 5, 6))
   return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated))
 
 
 def jit_eval_step(cfg: StepConfig, replicated: jax.sharding.Sharding, configs: int = 1,
                   per_pass: int | None = None):
-  """`eval_step` compiled for `cfg`, its sums replicated over the mesh (with a
-  leading axis of K for `configs` = K > 1 trainable subtrees)."""
-  step = functools.partial(eval_step, cfg=cfg)
-  if configs > 1:
-    step = _over_configs(step, configs, per_pass, shared=(1, 2, 3, 4))
+  """`eval_step` compiled for `cfg` over K = `configs` stacked trainable subtrees, its
+  sums (with a leading axis of K) replicated over the mesh."""
+  step = _over_configs(functools.partial(eval_step, cfg=cfg), configs, per_pass,
+                       shared=(1, 2, 3, 4))
   return jax.jit(step, out_shardings=replicated)

@@ -56,9 +56,8 @@ def train_with_baselines(config: ml_collections.ConfigDict, workdir: str,
                          allow_changes: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
   """`train_and_evaluate`, then each of `config.baselines` on the same task in
   `<workdir>/baselines/<name>`; returns the results by name, the configured method first."""
-  config_checks.validate(config)
-  method = config.mlae.method if config.mlae.method != 'none' else 'linear_probe'
-  results = {method: train_and_evaluate(config, workdir, allow_changes)}
+  config_checks.resolve(config)
+  results = {config.adapter.method: train_and_evaluate(config, workdir, allow_changes)}
   for name in config.baselines:
     results[name] = train_and_evaluate(config_checks.baseline_config(config, name),
                                        os.path.join(workdir, 'baselines', name), allow_changes)
@@ -72,7 +71,7 @@ def train_on_task(config: ml_collections.ConfigDict, workdir: str,
 
 
 # The fields in which configurations trained at once may differ.
-PER_CONFIG_FIELDS = ('mlae.drop_rate', 'mlae.coeff_init')
+PER_CONFIG_FIELDS = ('adapter.mlae.drop_rate', 'adapter.mlae.coeff_init')
 
 
 def check_trainable_at_once(configs: Sequence[ml_collections.ConfigDict]) -> None:
@@ -80,8 +79,11 @@ def check_trainable_at_once(configs: Sequence[ml_collections.ConfigDict]) -> Non
   def rest(config):
     flat = json.loads(config.to_json_best_effort())
     for field in PER_CONFIG_FIELDS:
-      group, name = field.split('.')
-      flat[group].pop(name)
+      *groups, name = field.split('.')
+      inner = flat
+      for group in groups:
+        inner = inner[group]
+      inner.pop(name)
     return flat
 
   for index, config in enumerate(configs[1:], 1):
@@ -89,13 +91,14 @@ def check_trainable_at_once(configs: Sequence[ml_collections.ConfigDict]) -> Non
       raise ValueError(f'Configurations trained at once may differ only in '
                        f'{", ".join(PER_CONFIG_FIELDS)}; config {index} differs from config 0 '
                        'elsewhere. Train it separately.')
-  if len(configs) > 1 and configs[0].mlae.method != 'mlae':
-    raise ValueError('Only MLAE configurations (config.mlae.method = "mlae") train at once.')
-  if (len({str(c.mlae.coeff_init) for c in configs}) > 1
-      and not configs[0].mlae.adaptive_coeff):
-    raise ValueError('Configurations with different mlae.coeff_init train at once only with '
-                     'config.mlae.adaptive_coeff = True (a frozen coefficient is a constant '
-                     'of the compiled model).')
+  if len(configs) > 1 and configs[0].adapter.method != 'mlae':
+    raise ValueError('Only MLAE configurations (config.adapter.method = "mlae") train at '
+                     'once.')
+  if (len({str(c.adapter.mlae.coeff_init) for c in configs}) > 1
+      and not configs[0].adapter.mlae.adaptive_coeff):
+    raise ValueError('Configurations with different adapter.mlae.coeff_init train at once '
+                     'only with config.adapter.mlae.adaptive_coeff = True (a frozen '
+                     'coefficient is a constant of the compiled model).')
 
 
 def train_configs_on_task(configs: Sequence[ml_collections.ConfigDict],
@@ -122,11 +125,7 @@ def _train_in_workdirs(configs: Sequence[ml_collections.ConfigDict], workdirs: S
   if len(configs) != len(workdirs) or not configs:
     raise ValueError(f'Need one workdir per config; got {len(configs)} configs and '
                      f'{len(workdirs)} workdirs.')
-  for config in configs:
-    if not isinstance(config, ml_collections.ConfigDict):
-      raise TypeError(f'A run config must be an ml_collections.ConfigDict (e.g. from '
-                      f'mlae_jax.training.defaults.base_config()), got {type(config).__name__}.')
-    config_checks.validate(config)
+  configs = [config_checks.resolve(config) for config in configs]
   check_trainable_at_once(configs)
   for path in workdirs:
     if not isinstance(path, (str, os.PathLike)):
@@ -211,7 +210,7 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
 
   parallel.on_primary(begin)
   last_saved = start_epoch
-  state, frozen, images, labels, step_args = run.on_devices(states, data)
+  state, frozen, images, labels, drop_rates = run.on_devices(states, data)
   run.frozen = states = restored_states = None  # Only the copies on the devices from here on.
 
   def write(records: Sequence[dict[str, Any]], run_states: Sequence[Any] = (),
@@ -260,7 +259,7 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
     # Checkpoints are written before their epoch's evaluation: redo one that was cut off.
     _report(f'Evaluating after epoch {start_epoch} (its checkpoint was written before its '
             'evaluation).')
-    evaluate(start_epoch, int(jnp.ravel(state.step)[0]))
+    evaluate(start_epoch, int(state.step[0]))
 
   bar = tqdm(total=config.epochs * run.steps_per_epoch,
              initial=start_epoch * run.steps_per_epoch, unit='step',
@@ -272,15 +271,15 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
     per_step = []
     for index in range(run.steps_per_epoch):
       state, metrics = run.step_fn(state, frozen, images, labels, order, np.int32(index),
-                                   run.train_key, *step_args)
+                                   run.train_key, drop_rates)
       per_step.append(metrics)
       bar.update()
-    # Fetched once per epoch: (steps,) or (steps, K) arrays, and whether each
-    # configuration's trained parameters are all finite.
+    # Fetched once per epoch: (steps, K) arrays, and whether each configuration's
+    # trained parameters are all finite.
     per_step, finite = jax.device_get((jax.tree.map(lambda *m: jnp.stack(m), *per_step),
                                        run.finite_fn(state.trainable)))
     seconds = time.time() - epoch_start
-    step = int(jnp.ravel(state.step)[0])
+    step = int(state.step[0])
     _check_finite(per_step['loss_sum'], finite, epoch, run.steps_per_epoch, recorders,
                   last_saved, config)
     sums = jax.tree.map(lambda m: m.sum(0), per_step)
@@ -352,7 +351,7 @@ def _report(message: str) -> None:
   logging.info(message)
 
 
-def _results(config, data: TaskData, params: Any, tuned: frozenset[str],
+def _results(config, data: TaskData, params: Any, tuned: tuple[str, ...],
              history: dict[str, list], seconds: float,
              precision: ComputeDtype) -> dict[str, Any]:
   evaluations = history['eval']
@@ -361,17 +360,18 @@ def _results(config, data: TaskData, params: Any, tuned: frozenset[str],
   train_speeds = [r['images_per_sec'] for r in history['train'][1:]] or [
       r['images_per_sec'] for r in history['train']]
   return {
-      'task': data.name, 'model': config.model.name, 'method': config.mlae.method,
+      'task': data.name, 'model': config.model.name, 'method': config.adapter.method,
       'epochs': config.epochs, 'seed': config.seed, 'num_eval': data.num_eval,
       'final_epoch_accuracy': evaluations[-1]['accuracy'],
       'best_of_evaluations_accuracy': best['accuracy'],
       'best_of_evaluations_epoch': best['epoch'],
       'evaluated_epochs': [r['epoch'] for r in evaluations],
       # How the figures were obtained (config.json beside this file has every field).
-      'recipe': {'schedule': config.schedule, 'weight_decay': config.weight_decay,
+      'recipe': {'learning_rate': config.learning_rate, 'schedule': config.schedule,
+                 'weight_decay': config.weight_decay,
                  'weight_decay_rule': config.weight_decay_rule,
                  'drop_path_rate': config.model.drop_path_rate,
-                 'train_bias': config.mlae.train_bias,
+                 'trained_in_place': list(tuned),
                  'evaluation': f'after 0-based epoch e with e % {config.eval_every_epochs} == 0 '
                                f'or e >= epochs - {config.eval_last_epochs}, and the last'},
       'adapter_params': counts['adapter'], 'tuned_backbone_params': counts['tuned'],

@@ -178,6 +178,16 @@ def recorded_changes(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def latest_checkpoint_epoch(workdir: str) -> int | None:
+  """The epochs completed by the newest checkpoint in `workdir` (orbax names its steps
+  by number; training numbers them by epoch), for progress messages only."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  epochs = [int(name) for name in os.listdir(directory) if name.isdigit()]
+  return max(epochs, default=None)
+
+
 def results_complete(workdir: str) -> bool:
   """Whether the workdir holds a results.json that parses and has every RESULT_KEYS."""
   try:
