@@ -46,3 +46,26 @@ def test_benchmark_names_the_preloaded_allocator(monkeypatch):
 def test_benchmark_rejects_bad_arguments():
   result = run_benchmark('--batch=0', '--skip-torch')
   assert result.returncode == 2 and '--batch must be >= 1' in result.stderr
+
+
+def test_methods_benchmark_gives_a_row_per_method():
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'benchmarks', 'methods.py'),
+       '--methods=lora,vpt_deep', '--model=ViT-Ti_16', '--image_size=32', '--layers=2',
+       '--batch=4', '--repeats=1', '--warmup=1'],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+  assert [r['method'] for r in records] == ['lora', 'vpt_deep']
+  lora, vpt = records
+  assert lora['mergeable'] and lora['jax_merged_eval_img_s'] > 0
+  assert not vpt['mergeable'] and 'jax_merged_eval_img_s' not in vpt
+  assert lora['trainable_params_without_head'] == 2 * 8 * (192 + 576)
+  assert vpt['trainable_params_without_head'] == 2 * 5 * 192
+  assert '| lora | 12,288 |' in result.stdout and '| vpt_deep | 1,920 |' in result.stdout
+
+
+def test_other_methods_are_timed_on_our_side_only():
+  result = run_benchmark('--method=vpt_deep')
+  assert result.returncode == 2 and 'time --method=vpt_deep with --skip-torch' in result.stderr

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mlae_jax.adapters.method import Method, ModelInfo, SiteCall
+from mlae_jax.adapters.products import up_project_dot_general
 from mlae_jax.adapters.sites import Site
 
 Initializer = Callable[..., jax.Array]
@@ -80,7 +81,8 @@ _kaiming_uniform_kernel = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 
 
 
 class Bottleneck(nn.Module):
-  """up(dropout(act(down(x)))): the two dense maps of a bottleneck adapter."""
+  """up(dropout(act(down(x)))): the two dense maps of a bottleneck adapter (up's product
+  through `up_project`)."""
   features: int
   bottleneck: int
   activation: Callable[[jax.Array], jax.Array]
@@ -99,7 +101,8 @@ class Bottleneck(nn.Module):
     hidden = self.activation(hidden)
     if train and self.dropout > 0:
       hidden = nn.Dropout(self.dropout, deterministic=False)(hidden)
-    return nn.Dense(self.features, kernel_init=self.up_init, name='up', **dense)(hidden)
+    return nn.Dense(self.features, kernel_init=self.up_init, dot_general=up_project_dot_general,
+                    name='up', **dense)(hidden)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mlae_jax.adapters.products import up_project
 from mlae_jax.partition import ADAPTER_PREFIX
 
 # Named PRNG stream of the expert masks; input dropout uses flax's 'dropout'.
@@ -79,7 +80,7 @@ class LowRankExperts(nn.Module):
     dtype = self.dtype or x.dtype
     hidden = jnp.einsum('...i,ri->...r', x.astype(dtype), a.astype(dtype))
     hidden = hidden * jnp.repeat(coeff, s.expert_rank, axis=-1).astype(dtype)
-    return jnp.einsum('...r,ro->...o', hidden, b.astype(dtype))
+    return up_project(hidden, b.astype(dtype))
 
 
 def drop_rate_variables(layer_experts: Sequence[LayerExperts | None], params: Mapping[str, Any]

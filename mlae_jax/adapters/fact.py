@@ -62,6 +62,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mlae_jax.adapters.method import Method, ModelInfo, SiteCall
+from mlae_jax.adapters.products import up_project
 from mlae_jax.adapters.sites import Site
 
 FACT_SITES = ('qkv', 'out', 'fc1', 'fc2')
@@ -106,13 +107,13 @@ def fact_delta(x: jax.Array, u: jax.Array, v: jax.Array, core: jax.Array, n_in: 
                n_out: int, scale: float, dropout: nn.Module | None) -> jax.Array:
   """s * v(dropout(u(x) K)): x's n_in chunks of d each go through U (d, r), side by
   side through the core K (n_in r, n_out r), then each of the n_out outputs of r
-  through V (r, d)."""
+  through V (r, d) (`bottleneck.up_project`: see there why)."""
   d, r = u.shape
   hidden = jnp.einsum('...id,dr->...ir', x.reshape(x.shape[:-1] + (n_in, d)), u)
   hidden = jnp.einsum('...k,ko->...o', hidden.reshape(x.shape[:-1] + (n_in * r,)), core)
   if dropout is not None:
     hidden = dropout(hidden)
-  out = jnp.einsum('...jr,rd->...jd', hidden.reshape(x.shape[:-1] + (n_out, r)), v)
+  out = up_project(hidden.reshape(x.shape[:-1] + (n_out, r)), v)
   return scale * out.reshape(x.shape[:-1] + (n_out * d,))
 
 

@@ -8,8 +8,11 @@ activation lies between A and B, so in eval mode the adapter is the affine map
 x -> x (I + s A B_full) + s (a B_full + b_B) (B_full the block-diagonal (dim, d_in)
 matrix of the grouped map), which folds into the map after it:
   W' = (I + s A B_full) W,  b' = b + s (a B_full + b_B) W.
-The site's new output is y + (s * B(drop(A x + a)) + s b_B) W: the base bias is added
-once.
+The site's new output is (x + s * (B(drop(A x + a)) + b_B)) W + b, the reference's
+order: the adapted input goes through the frozen map in its one product. The model's own
+y = x W + b is then unused and XLA drops it, so an adapted map costs the base map plus
+the bottleneck (adding (adapter change) W to y instead would cost a second d_in x d_out
+product per site).
 
 Facts from the reference, luogen1996/RepAdapter:
   - repadapter.py `RepAdapter`: conv_A = Conv1d(in, hidden_dim, 1, bias) with
@@ -139,7 +142,9 @@ class RepAdapter(Method):
                 f'{site.name!r}; choose groups dividing it.')
     change = RepAdapterLayer(d, self.dim, self.groups, float(self.scale), float(self.dropout),
                              info.dtype, info.param_dtype, name=name)(call.x, train=train)
-    return call.y + jnp.dot(change, call.kernel.astype(change.dtype))
+    dtype = call.y.dtype
+    adapted = (call.x + change).astype(dtype)
+    return jnp.dot(adapted, call.kernel.astype(dtype)) + call.bias.astype(dtype)
 
   def merge(self, site: Site, params: Mapping[str, Any], shared: Any, kernel: jax.Array,
             bias: jax.Array) -> tuple[jax.Array, jax.Array]:
