@@ -23,9 +23,9 @@ from flax import linen as nn
 
 from mlae_jax.adapters.method import Method, ModelInfo, SiteCall
 from mlae_jax.adapters.sites import ADAPTER_PREFIX, SHARED_SCOPE, Site
+from mlae_jax.checkpoints.variants import get_variant
 from mlae_jax.model.attention import dot_product_attention
 from mlae_jax.model.drop_path import DropPath, block_drop_path_rates
-from mlae_jax.checkpoints.variants import get_variant
 
 Dtype = Any
 
