@@ -65,11 +65,6 @@ class LowRank(Method):
   input_dropout: float = 0.0
   train_bias: bool = False
 
-  def __post_init__(self):
-    if isinstance(self.rank, list):
-      object.__setattr__(self, 'rank', tuple(self.rank))
-    super().__post_init__()
-
   def validate(self) -> None:
     super().validate()
     self.check_flag('train_bias')
@@ -155,11 +150,6 @@ class Mlae(LowRank):
   adaptive_coeff: bool = True
   per_example_mask: bool = False
   expert_rank: int = 1
-
-  def __post_init__(self):
-    if isinstance(self.drop_rate, list):
-      object.__setattr__(self, 'drop_rate', tuple(self.drop_rate))
-    super().__post_init__()
 
   def validate(self) -> None:
     super().validate()

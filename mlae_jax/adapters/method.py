@@ -94,12 +94,14 @@ class Method:
   train: tuple[str, ...] = ()
 
   def __post_init__(self):
-    for name in ('targets', 'layers', 'train'):
-      value = getattr(self, name)
-      if isinstance(value, str):
+    # Lists (from configs and JSON) become tuples, so a method stays hashable; one name
+    # stands for a one-element tuple of the common sequence fields.
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, str) and field.name in ('targets', 'layers', 'train'):
         value = (value,)
       if isinstance(value, (list, tuple)):
-        object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, field.name, tuple(value))
     self.validate()
 
   def fail(self, message: str):
