@@ -48,6 +48,13 @@ def get_config():
   config.adapter.mlae.drop_rate = 0.5
   config.adapter.mlae.coeff_init = 1.0
   config.adapter.lora.rank = 4
+  # The seed systems at the same scale: LoRA's rank 4 (DMLoRA: 4 branches of rank 1),
+  # Lily's projectors at width 4 (its 32 of 768), Pear's bottleneck at AdaptFormer's 8.
+  config.adapter.neat.rank = 4
+  config.adapter.heat.rank = 4
+  config.adapter.dmlora.rank = 1
+  config.adapter.lily.dim = 4
+  config.adapter.pear.dim = 8
 
   config.epochs = 40
   config.batch_size = 50
@@ -58,5 +65,6 @@ def get_config():
   config.eval_every_epochs = 10
   config.checkpoint_every_epochs = 10
   config.baselines = ('lora', 'adapter', 'adaptformer', 'vpt_deep', 'ssf', 'fact_tt', 'fact_tk',
-                      'repadapter', 'bitfit', 'full', 'linear_probe')
+                      'repadapter', 'lily', 'neat', 'dmlora', 'heat', 'pear', 'bitfit', 'full',
+                      'linear_probe')
   return config

@@ -3,7 +3,10 @@
 Adapters (any subtree named `adapter_*`) and the classifier `head` are trained;
 so are the backbone leaves whose '/'-joined paths match one of the regular expressions
 in `tuned` (whole-path matches: a method's `trained_patterns`, e.g. '.*/bias' for
-BitFit); everything else is the frozen backbone of the pre-trained checkpoint.
+BitFit); everything else is the frozen backbone of the pre-trained checkpoint. Adapter
+leaves named `state_*` are a method's state (masks, routing tables set by phases of the
+run): they change during a run, so they travel with the trainable subtree and its
+checkpoints, but the optimizer leaves them alone and they are not counted as trained.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numpy as np
 from flax import traverse_util
 
 ADAPTER_PREFIX = 'adapter_'
-ROLES = ('adapter', 'head', 'tuned', 'backbone')
+STATE_PREFIX = 'state_'
+ROLES = ('adapter', 'head', 'tuned', 'state', 'backbone')
 
 
 @functools.lru_cache(maxsize=64)
@@ -27,10 +31,11 @@ def _matcher(patterns: tuple[str, ...]) -> re.Pattern | None:
 
 def param_role(path: str, tuned: Collection[str] = ()) -> str:
   """'adapter', 'head', 'tuned' (a backbone leaf trained in place: its path matches a
-  pattern of `tuned`) or 'backbone' for a '/'-joined parameter path."""
+  pattern of `tuned`), 'state' (a method's untrained state) or 'backbone' for a
+  '/'-joined parameter path."""
   parts = path.split('/')
   if any(part.startswith(ADAPTER_PREFIX) for part in parts):
-    return 'adapter'
+    return 'state' if parts[-1].startswith(STATE_PREFIX) else 'adapter'
   if parts[0] == 'head':
     return 'head'
   matcher = _matcher(tuple(tuned))
@@ -40,17 +45,19 @@ def param_role(path: str, tuned: Collection[str] = ()) -> str:
 
 
 def count_params(params: Mapping[str, Any], tuned: Collection[str] = ()) -> dict[str, int]:
-  """Parameter counts by role, plus 'trainable' (adapter + head + tuned) and 'total'."""
+  """Parameter counts by role, plus 'trainable' (adapter + head + tuned) and 'total'
+  (every leaf, state included)."""
   counts = dict.fromkeys(ROLES, 0)
   for path, leaf in traverse_util.flatten_dict(dict(params), sep='/').items():
     counts[param_role(path, tuned)] += int(np.prod(jax.numpy.shape(leaf)))
   counts['trainable'] = counts['adapter'] + counts['head'] + counts['tuned']
-  counts['total'] = counts['trainable'] + counts['backbone']
+  counts['total'] = counts['trainable'] + counts['state'] + counts['backbone']
   return counts
 
 
 def is_trainable(path: str, tuned: Collection[str] = ()) -> bool:
-  """Adapters, the head and the `tuned` leaves are trained; the rest is frozen."""
+  """Whether the leaf changes during a run: adapters, the head and the `tuned` leaves
+  (trained), and methods' state (set by phases); the rest is the frozen backbone."""
   return param_role(path, tuned) != 'backbone'
 
 

@@ -38,7 +38,7 @@ def describe(model, image_size: int) -> str:
       lines.append(f'{index:5d}  {s.experts:7d}  {s.drop_rate:9.2f}  {s.coeff_init:10.3f}  '
                    f'{s.adaptive_coeff}')
   roles = ('adapter', 'head') + (('tuned',) if counts['tuned'] else ()) + (
-      'trainable', 'backbone', 'total')
+      'trainable',) + (('state',) if counts['state'] else ()) + ('backbone', 'total')
   lines.append(', '.join(f'{role} {counts[role]:,}' for role in roles) + ' parameters')
   return '\n'.join(lines)
 

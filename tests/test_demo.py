@@ -18,7 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 0.810, VPT-Deep 0.782, linear probe 0.712 (README, "The embedded demo", has every method).
 MLAE_THRESHOLD = 0.80
 METHODS = ('mlae', 'lora', 'adapter', 'adaptformer', 'vpt_deep', 'ssf', 'fact_tt', 'fact_tk',
-           'repadapter', 'bitfit', 'full', 'linear_probe')
+           'repadapter', 'lily', 'neat', 'dmlora', 'heat', 'pear', 'bitfit', 'full',
+           'linear_probe')
 
 
 def test_demo_command_compares_every_method_and_each_beats_the_linear_probe(tmp_path):
@@ -43,6 +44,12 @@ def test_demo_command_compares_every_method_and_each_beats_the_linear_probe(tmp_
   assert params['vpt_deep'] == 4 * 5 * 64 + head
   assert params['bitfit'] == 4 * (192 + 64 + 128 + 64 + 64 + 64) + 64 + 64 + head
   assert params['linear_probe'] == head
+  assert params['neat'] == params['heat'] == params['lora']  # Rank 4 on query+value / qkv.
+  assert params['dmlora'] == 4 * (4 * 1 * (64 + 192) + 1) + head
+  # Lily: k, v HPs (4 experts x 4 x 64 each), the MLP's (4 x 8 x 64), 4 LP groups of
+  # (64 x 4, 64 x 4, 64 x 8), routers (4 x 4, 4 x 4, 8 x 4) per block.
+  assert params['lily'] == 2 * 4 * 4 * 64 + 4 * 8 * 64 + 4 * 64 * 16 + 4 * 64 + head
+  assert params['pear'] == 4 * 2 * 64 * 8 + head  # Every position's, trained before pruning.
   assert 'test accuracy on 646 images' in result.stdout
 
 

@@ -10,7 +10,6 @@ import torch  # Before jax: see conftest.py.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mlae_jax.adapters.bottleneck import AdaptFormer, Adapter
@@ -18,9 +17,8 @@ from mlae_jax.adapters.merge import merge_adapters
 from mlae_jax.adapters.method import NotMergeable
 from mlae_jax.checkpoints import load_pretrained
 from mlae_jax.checkpoints.layout import flatten, unflatten
-from mlae_jax.model.vit import create_model
-from mlae_jax.partition import count_params, param_role
-from tiny import images, moved, randomize, relative_error, tiny_model, train_steps
+from mlae_jax.partition import param_role
+from tiny import vit_b16_adapter_count, loss_and_grads, images, moved, randomize, relative_error, tiny_model, train_steps
 from torch_reference import (TINY_SIZE, nchw, set_drop_path_keeps, tensor, timm_vit,
                              tiny_checkpoint)
 
@@ -142,21 +140,6 @@ def setup(path, method, **model_fields):
   return path, tiny_model(method, **model_fields), params
 
 
-def jax_loss_and_grads(model, params, x, train, drop_path_key=None):
-  rngs = {'dropout': jax.random.key(3)}
-  if drop_path_key is not None:
-    rngs['drop_path'] = drop_path_key
-
-  def loss_fn(p):
-    logits, state = model.apply({'params': p}, x, train=train, rngs=rngs,
-                                mutable=['intermediates'])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean()
-    return loss, (logits, state['intermediates'])
-
-  grads, (logits, intermediates) = jax.grad(loss_fn, has_aux=True)(params)
-  return logits, flatten(grads), flatten(intermediates)
-
-
 def compare(method, reference, logits, flat_grads, x, train):
   reference.train(train)
   torch_logits = reference(nchw(x))
@@ -185,7 +168,7 @@ METHODS = [
 def test_logits_and_gradients_match_pytorch_in_training(checkpoint, method):
   path, model, params = setup(checkpoint, method)
   x = images(4)
-  logits, flat_grads, _ = jax_loss_and_grads(model, params, x, train=True)
+  logits, flat_grads, _ = loss_and_grads(model, params, x, LABELS, train=True)
   reference = torch_model(method, path)
   copy_params(method, reference, flatten(params))
   errors = compare(method, reference, logits, flat_grads, x, train=True)
@@ -217,7 +200,7 @@ def test_logits_and_gradients_match_pytorch_with_drop_path(checkpoint, method):
   adapter of zero, and AdaptFormer's adapter term is never dropped."""
   path, model, params = setup(checkpoint, method, drop_path_rate=0.5)
   x = images(4)
-  logits, flat_grads, intermediates = jax_loss_and_grads(model, params, x, train=True,
+  logits, flat_grads, intermediates = loss_and_grads(model, params, x, LABELS, train=True,
                                                          drop_path_key=jax.random.key(5))
   keeps = [np.asarray(v[0]) for k, v in intermediates.items() if k.endswith('drop_path_1/keep')]
   assert any(not keep.all() for keep in keeps), 'some MLP branch must be dropped'
@@ -253,22 +236,15 @@ def test_adaptformer_starts_as_the_backbone(checkpoint):
                              tiny_model(None).apply({'params': plain}, x), rtol=0, atol=0)
 
 
-def param_counts(method):
-  model = create_model('ViT-B_16', 100, adapter=method)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
-  counts = count_params(shapes['params'], method.trained_patterns(12))
-  return counts['adapter'] + counts['tuned']
-
-
 def test_trainable_parameter_counts_of_vit_b16():
   # NOAH's AdapterSuper at width 8 (ln1 768->8, ln2 8->768, both with bias) in 12 blocks:
   # 12 x (768*8 + 8 + 8*768 + 768) = 156,768, the 0.16 M of the NOAH/SPT/MLAE tables.
-  assert param_counts(Adapter()) == 156_768
+  assert vit_b16_adapter_count(Adapter()) == 156_768
   # ShoufaChen/AdaptFormer's down_proj/up_proj (biased) at ffn_num 8: the same 156,768,
   # the 0.16 M printed for AdaptFormer; PETL-ViT's bias-free layers: 12 x 2 x 768*8.
-  assert param_counts(AdaptFormer()) == 156_768
-  assert param_counts(AdaptFormer(bias=False)) == 147_456
-  assert param_counts(Adapter(layers=(0, 11))) == 2 * 13_064
+  assert vit_b16_adapter_count(AdaptFormer()) == 156_768
+  assert vit_b16_adapter_count(AdaptFormer(bias=False)) == 147_456
+  assert vit_b16_adapter_count(Adapter(layers=(0, 11))) == 2 * 13_064
 
 
 @pytest.mark.parametrize('method', [Adapter(), AdaptFormer()], ids=['adapter', 'adaptformer'])

@@ -10,7 +10,6 @@ import torch  # Before jax (see conftest.py).
 from torch import nn
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -19,10 +18,9 @@ from fake_checkpoint import write_original_npz
 from mlae_jax.adapters.fact import VTAB_TASKS, FactTK, FactTT
 from mlae_jax.checkpoints import load_pretrained
 from mlae_jax.checkpoints.layout import flatten
-from mlae_jax.model.vit import create_model
-from mlae_jax.partition import count_params, param_role
+from mlae_jax.partition import param_role
 from tiny import (assert_merge_matches, images, init, moved, randomize, relative_error,
-                  tiny_model, train_steps)
+                  tiny_model, train_steps, vit_b16_adapter_count)
 from torch_reference import TINY_SIZE, nchw, tensor, timm_vit
 
 TOLERANCE = 1e-4
@@ -218,14 +216,6 @@ def test_logits_and_gradients_match_pytorch(tmp_path, method_cls):
   # Every method parameter was compared.
   ours = {k for k in flat_params if param_role(k) in ('adapter', 'head')}
   assert ours == {path for path, _, _ in pairs}
-
-
-def vit_b16_adapter_count(method) -> int:
-  """counts['adapter'] + counts['tuned'] of ViT-B/16 with `method` (the head excluded)."""
-  model = create_model('ViT-B_16', 100, adapter=method)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
-  counts = count_params(shapes['params'], method.trained_patterns(12))
-  return counts['adapter'] + counts['tuned']
 
 
 def test_trainable_parameter_counts_of_vit_b16():

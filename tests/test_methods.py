@@ -38,6 +38,11 @@ VIT_B16_PARAMS = {
     'fact_tt': 21_504,  # Rank 8 (the paper's 0.04 M averages per-task ranks).
     'fact_tk': 13_952,  # Rank 8 (the paper's 0.07 M averages per-task ranks 16, 32).
     'repadapter': 239_808,  # 221,184 weights (the paper's 0.22 M) + 18,624 biases.
+    'lily': 792_576,  # HPs 393,216 + 4 LP groups 393,216 + routers 6,144 (main.py's count).
+    'neat': 294_912,  # 2 x 12 x (768 x 8 + 8 x 768) on query and value; no paper count.
+    'pear': 589_824,  # 12 x 2 x 768 x 32 (the lily repo's AdaptFormer, dim 32); before pruning.
+    'dmlora': 1_179_660,  # 12 x 4 branches x 8 x (768 + 2304) + 12 scales; no paper count.
+    'heat': 294_912,  # LoRA's (its 144 head masks are state, not trained); no paper count.
 }
 
 
@@ -53,7 +58,7 @@ def test_trainable_parameters_at_vit_b16(name):
   counts = count_params(shapes, method.trained_patterns(12))
   assert counts['adapter'] + counts['tuned'] == VIT_B16_PARAMS[name]
   assert counts['head'] == 768 * 10 + 10
-  assert counts['total'] == 85_798_656 + 7_690 + counts['adapter']
+  assert counts['total'] == 85_798_656 + 7_690 + counts['adapter'] + counts['state']
 
 
 @pytest.mark.parametrize('name', ALL)
@@ -107,24 +112,32 @@ def test_merged_equals_adapted_or_merging_is_refused(name):
                              rtol=1e-4, atol=1e-5)
 
 
-def test_every_method_trains_from_the_command_line_on_a_vit_b16_checkpoint(tmp_path):
-  """One command trains each method on a random ViT-B/16 in the original .npz layout
-  (the first method in the workdir, the others as its baselines); each exports, and the
-  mergeable ones export a merged checkpoint too."""
+def train_on_random_vit_b16(tmp_path, *flags: str):
+  """(workdir, finished process) of the command line on a random ViT-B/16 in the original
+  .npz layout, 4 synthetic 32 px images of 3 classes; `flags` add to it."""
   checkpoint = tmp_path / 'ViT-B_16.npz'
   write_original_npz(checkpoint, hidden=768, mlp=3072, heads=12, layers=12, patch=16)
-  others = [name for name in ALL if name != 'mlae']
   workdir = tmp_path / 'run'
   result = subprocess.run(
       [sys.executable, '-m', 'mlae_jax.main', '--config=configs/vtab.py:svhn',
        f'--workdir={workdir}', f'--config.pretrained={checkpoint}', '--config.data.source=synthetic',
        '--config.data.image_size=32', '--config.data.num_classes=3', '--config.data.num_train=4',
        '--config.data.num_eval=4', '--config.batch_size=4', '--config.eval_batch_size=4',
-       '--config.epochs=1', '--config.warmup_epochs=0', '--config.progress_bar=False',
-       '--config.model.dtype=float32', f'--config.baselines={tuple(others)!r}'],
+       '--config.warmup_epochs=0', '--config.progress_bar=False', '--config.model.dtype=float32',
+       *flags],
       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
       timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_every_method_trains_from_the_command_line_on_a_vit_b16_checkpoint(tmp_path):
+  """One command trains each method on a random ViT-B/16 in the original .npz layout
+  (the first method in the workdir, the others as its baselines); each exports, and the
+  mergeable ones export a merged checkpoint too."""
+  others = [name for name in ALL if name != 'mlae']
+  workdir, result = train_on_random_vit_b16(tmp_path, '--config.epochs=1',
+                                            f'--config.baselines={tuple(others)!r}')
   rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
           if line.split() and line.split()[0] in ALL}
   assert set(rows) == set(ALL)
@@ -138,3 +151,24 @@ def test_every_method_trains_from_the_command_line_on_a_vit_b16_checkpoint(tmp_p
     assert int(rows[name][0].replace(',', '')) == results['trainable_params']
     assert (run / 'export' / 'adapter.npz').is_file()
     assert (run / 'export' / 'merged.npz').is_file() == METHODS[name].MERGEABLE
+
+
+def test_phased_methods_run_their_phases_from_the_command_line_on_a_vit_b16(tmp_path):
+  """HEAT's scoring, Pear's pruning and DMLoRA's schedule after epoch 1 of 2, on a random
+  ViT-B/16 in the original layout: each run's export holds the changed state."""
+  workdir, _ = train_on_random_vit_b16(
+      tmp_path, '--config.epochs=2', '--config.adapter.method=heat',
+      '--config.adapter.heat.score_epoch=1', '--config.adapter.heat.score_batches=1',
+      '--config.adapter.pear.prune_epoch=1', '--config.adapter.pear.score_batches=1',
+      "--config.baselines=('pear','dmlora')")
+
+  def state(run, leaf):
+    arrays = dict(np.load(run / 'export' / 'adapter.npz'))
+    return [value for key, value in arrays.items() if key.endswith(leaf)]
+
+  masks = state(workdir, 'state_head_mask')
+  assert len(masks) == 12 and 0 < sum(int((m == 0).sum()) for m in masks) < 144
+  pruned, = state(workdir / 'baselines' / 'pear', 'state_pruned')
+  assert int(pruned.sum()) == 6  # Half of the 12 positions.
+  stage, = state(workdir / 'baselines' / 'dmlora', 'state_stage')
+  assert float(stage) == 1.0

@@ -292,6 +292,8 @@ def test_report_files_label_both_metrics(tmp_path):
   assert 'sample std over seeds (ddof=1)' in text
   assert paper.PROTOCOL_NOTE in text
   assert "the paper's Table 1, mean of group means: Full (85.8M) 69.0" in text
+  assert "own papers (mean of group means, no per-task rows): Heart-LoRA" in text
+  assert 'Heart-LoRA (per-layer ranking) 76.8 (arXiv 2404.08894v2' in text
   assert "the paper's FGVC means (its table 2): Full 88.5, Adapter 85.7" in text
   assert len(paths) == 5
 

@@ -350,3 +350,16 @@ def test_grid_search_command_line_dry_run(tmp_path):
       f'vtab/svhn search p=0.5 coeff=1 seed 1: new  {tmp_path}/grid/vtab/svhn/p0.5_coeff1/seed_1',
       'vtab/svhn: search incomplete, nothing chosen']
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('name', ('lily', 'neat', 'dmlora', 'heat', 'pear'))
+def test_sweeps_plan_the_seed_systems_with_their_recipes_and_fields(tmp_path, name):
+  field = {'lily': 'dim', 'neat': 'rank', 'dmlora': 'branches', 'heat': 'heads_off',
+           'pear': 'prune_ratio'}[name]
+  value = {'heads_off': 0.5, 'prune_ratio': 0.25}.get(field, 2)
+  run, = runner.plan('vtab', 'svhn', '0', str(tmp_path),
+                     {'adapter.method': name, f'adapter.{name}.{field}': value})
+  assert run.config.adapter.method == name and run.config.adapter[name][field] == value
+  assert (run.config.learning_rate, run.config.weight_decay, run.config.epochs) == (
+      1e-3, 1e-4, 100)  # Its recipe (the shared one for NEAT and the reconstructions).
+  assert run.workdir == os.path.join(str(tmp_path), 'vtab', 'svhn', 'seed_0')

@@ -11,8 +11,8 @@ import optax
 
 from mlae_jax.adapters.merge import merge_adapters
 from mlae_jax.checkpoints.layout import flatten, unflatten
-from mlae_jax.model.vit import VisionTransformer
-from mlae_jax.partition import combine, param_role, split_trainable
+from mlae_jax.model.vit import VisionTransformer, create_model
+from mlae_jax.partition import combine, count_params, param_role, split_trainable
 from mlae_jax.training.optimizer import make_optimizer
 from mlae_jax.training.steps import StepConfig, create_train_state, epoch_order, train_step
 
@@ -105,3 +105,34 @@ def assert_merge_matches(model: VisionTransformer, params: dict, rtol: float = 1
   np.testing.assert_allclose(merged, adapted, rtol=rtol, atol=1e-5 * np.abs(adapted).max())
   assert np.abs(base - adapted).max() > 1e-2  # The method does change the outputs.
   return plain_params
+
+
+def vit_b16_counts(method) -> dict[str, int]:
+  """`count_params` of ViT-B/16 (100 classes) with `method`, from shapes alone."""
+  model = create_model('ViT-B_16', 100, adapter=method)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  return count_params(shapes['params'], method.trained_patterns(12))
+
+
+def vit_b16_adapter_count(method) -> int:
+  """counts['adapter'] + counts['tuned'] of ViT-B/16 with `method` (the head excluded)."""
+  counts = vit_b16_counts(method)
+  return counts['adapter'] + counts['tuned']
+
+
+def loss_and_grads(model: VisionTransformer, params: dict, x, labels, train: bool,
+                   drop_path_key: jax.Array | None = None) -> tuple:
+  """(logits, flat gradients, flat sown intermediates) of the mean cross-entropy, with
+  dropout key 3 and, if given, the stochastic-depth key."""
+  rngs = {'dropout': jax.random.key(3)}
+  if drop_path_key is not None:
+    rngs['drop_path'] = drop_path_key
+
+  def loss_fn(p):
+    logits, state = model.apply({'params': p}, x, train=train, rngs=rngs,
+                                mutable=['intermediates'])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, state['intermediates'])
+
+  grads, (logits, intermediates) = jax.grad(loss_fn, has_aux=True)(params)
+  return logits, flatten(grads), flatten(intermediates)

@@ -35,7 +35,8 @@ def merge_adapters(model: AdaptedModel, params: dict) -> tuple[Any, dict]:
     raise NotMergeable(f'{method.NAME} cannot be merged into the base weights (its update '
                        'depends on the input); keep the adapted model for inference.')
   flat = flatten(params)
-  merged = {key: value for key, value in flat.items() if param_role(key) != 'adapter'}
+  merged = {key: value for key, value in flat.items()
+            if param_role(key) not in ('adapter', 'state')}
   shared = unflatten(subtree(flat, SHARED_SCOPE)) if method else None
   for site in method.sites(model.num_layers) if method else ():
     _merge_site(method, site, subtree(flat, adapter_scope(site)), shared, merged)

@@ -13,7 +13,11 @@ that
     expressions over '/'-joined parameter paths, e.g. every bias for BitFit);
   - folds itself into the base weights of a site (`merge`), or says it cannot
     (`MERGEABLE = False`);
-  - carries the training recipe of its paper (`RECIPE`: config fields, overridable).
+  - carries the training recipe of its paper (`RECIPE`: config fields, overridable);
+  - may keep state that is not trained (adapter leaves named `state_*`: masks, routing
+    tables) and change it, or anything else, in phases of the run between epochs
+    (`phase_epochs`, `run_phase`: scoring, pruning, schedules), which are checkpointed
+    with the run, so a run killed during or after a phase resumes to the same result.
 `mlae_jax.adapters.registry` lists the methods by name.
 """
 
@@ -64,11 +68,19 @@ class ModelInfo:
 class SiteCall:
   """One evaluation of a site: `y` is the output the base model computes from `x`;
   `kernel` (d_in, d_out) and `bias` (d_out,) are the frozen weights of dense sites
-  (None elsewhere)."""
+  (None elsewhere); `weights` (batch,) are 1 for real examples and 0 for the padding
+  rows of a partial batch (None: all real), for an update that mixes examples."""
   x: jax.Array
   y: jax.Array
   kernel: jax.Array | None = None
   bias: jax.Array | None = None
+  weights: jax.Array | None = None
+
+
+# Gradients for a phase: (params, batches) -> that many per-batch gradient trees of the
+# training loss with respect to every parameter (fixed batches, eval mode), yielded one
+# at a time (iterate once).
+Gradients = Callable[[Any, int], Iterable[Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +100,9 @@ class Method:
   # Config fields of its paper's recipe (learning_rate, weight_decay, epochs), applied
   # where a run config leaves them unset; per data source where they differ.
   RECIPE: ClassVar[Mapping[str, Any]] = {}
+  # Its update at a site depends on other tokens of the sequence (e.g. a mean over
+  # them): the model then computes every token of the last block.
+  MIXES_TOKENS: ClassVar[bool] = False
 
   targets: tuple[str, ...] = ()
   layers: tuple[int, ...] = ()
@@ -201,6 +216,15 @@ class Method:
     are the site's own parameters (flat names), `shared` the shared ones."""
     raise NotMergeable(f'{self.NAME} cannot be merged into the base weights (its update '
                        'depends on the input); keep the adapted model for inference.')
+
+  def phase_epochs(self, epochs: int) -> tuple[int, ...]:
+    """The completed-epoch counts after which `run_phase` runs, in a run of `epochs`."""
+    del epochs
+    return ()
+
+  def run_phase(self, epoch: int, epochs: int, params: Any, gradients: Gradients) -> Any:
+    """The params of one configuration after the phase that follows epoch `epoch`."""
+    raise NotImplementedError(f'{self.NAME} has no phase after epoch {epoch}.')
 
   def recipe(self, source: str) -> dict[str, Any]:
     """Its paper's recipe for data `source` ('tfds' for VTAB-1k, 'fgvc', ...)."""

@@ -11,9 +11,14 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from mlae_jax.adapters.bottleneck import AdaptFormer, Adapter
+from mlae_jax.adapters.dmlora import DmLora
 from mlae_jax.adapters.fact import FactTK, FactTT
+from mlae_jax.adapters.heat import Heat
+from mlae_jax.adapters.lily import Lily
 from mlae_jax.adapters.low_rank import Lora, Mlae
 from mlae_jax.adapters.method import Method
+from mlae_jax.adapters.neat import Neat
+from mlae_jax.adapters.pear import Pear
 from mlae_jax.adapters.repadapter import RepAdapter
 from mlae_jax.adapters.selection import BitFit, FullFineTuning, LinearProbe
 from mlae_jax.adapters.ssf import Ssf
@@ -22,7 +27,7 @@ from mlae_jax.adapters.vpt import VptDeep
 # Adding a method: its module under adapters/, and its class here.
 METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (
     Mlae, Lora, LinearProbe, FullFineTuning, BitFit, VptDeep, Adapter, AdaptFormer, Ssf,
-    FactTT, FactTK, RepAdapter)}
+    FactTT, FactTK, RepAdapter, Lily, Neat, DmLora, Heat, Pear)}
 
 
 def get_method(name: str) -> type[Method]:

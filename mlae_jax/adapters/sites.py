@@ -3,8 +3,11 @@
 Every site is an operation of the model whose output a method may replace: the
 dense maps of a block ('qkv' is the fused q|k|v projection, 'query', 'key', 'value'
 its parts, 'out' the attention output, 'fc1'/'fc2' the MLP's), its LayerNorms
-('ln1', 'ln2'), its whole MLP branch ('mlp': the branch's output after stochastic
-depth, the term added to the residual stream; the site's input is that stream), its input tokens ('tokens'), and two model-level sites: the
+('ln1', 'ln2'), its MLP as a function of its input ('ffn': the fc2 output before
+stochastic depth; the site's input is the LN2 output, so an adapter parallel to the MLP
+sits inside the branch, as Lily's), its whole MLP branch ('mlp': the branch's output
+after stochastic depth, the term added to the residual stream; the site's input is that
+stream), its input tokens ('tokens'), and two model-level sites: the
 patch embedding ('embedding') and the final LayerNorm ('encoder_norm'). This module is
 the one place that knows where each lives in the parameter tree (the original
 checkpoint's layout), so merging, counting and interchange read paths from here.
@@ -20,7 +23,7 @@ SHARED_SCOPE = ADAPTER_PREFIX + 'shared'  # Parameters a method shares across bl
 
 DENSE_SITES = ('qkv', 'query', 'key', 'value', 'out', 'fc1', 'fc2')
 NORM_SITES = ('ln1', 'ln2')
-BLOCK_SITES = DENSE_SITES + NORM_SITES + ('mlp', 'tokens')
+BLOCK_SITES = DENSE_SITES + NORM_SITES + ('ffn', 'mlp', 'tokens')
 MODEL_SITES = ('embedding', 'encoder_norm')
 SITES = BLOCK_SITES + MODEL_SITES
 
@@ -34,13 +37,13 @@ _PLACES = {
     'value': (_ATTENTION, ('value',)), 'out': (_ATTENTION, ('out',)),
     'fc1': (_MLP, ('Dense_0',)), 'fc2': (_MLP, ('Dense_1',)),
     'ln1': (_BLOCK, ('LayerNorm_0',)), 'ln2': (_BLOCK, ('LayerNorm_1',)),
-    'mlp': (_BLOCK, ()), 'tokens': (_BLOCK, ()),
+    'ffn': (_MLP, ()), 'mlp': (_BLOCK, ()), 'tokens': (_BLOCK, ()),
     'embedding': ('', ('embedding',)), 'encoder_norm': ('Transformer', ('encoder_norm',)),
 }
 _NORMS = NORM_SITES + ('encoder_norm',)
 # site -> the module of timm's `blocks.{i}` (or model) computing the same map.
 TORCH_MODULES = {'qkv': 'attn.qkv', 'out': 'attn.proj', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2',
-                 'ln1': 'norm1', 'ln2': 'norm2', 'embedding': 'patch_embed.proj',
+                 'ln1': 'norm1', 'ln2': 'norm2', 'ffn': 'mlp', 'embedding': 'patch_embed.proj',
                  'encoder_norm': 'norm'}
 
 

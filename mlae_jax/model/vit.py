@@ -36,18 +36,27 @@ _QKV = ('query', 'key', 'value')
 
 
 @dataclasses.dataclass(frozen=True)
+class Context:
+  """What every site of one forward pass shares: the method's shared parameters and
+  the example weights of the batch (None: every row is real)."""
+  shared: Any = None
+  weights: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Adaptation:
   """A method and the sites it acts on, as the model's modules see it."""
   method: Method | None
   sites: frozenset[Site]
   info: ModelInfo
 
-  def __call__(self, site: Site, call: SiteCall, shared: Any, train: bool) -> jax.Array:
+  def __call__(self, site: Site, call: SiteCall, context: Context, train: bool) -> jax.Array:
     """The output of `site`: the method's, where it acts, else the base model's. Must
     be called inside the compact method of the module that owns the site."""
     if site not in self.sites:
       return call.y
-    return self.method.adapt(site, call, shared, self.info, train=train,
+    return self.method.adapt(site, dataclasses.replace(call, weights=context.weights),
+                             context.shared, self.info, train=train,
                              name=ADAPTER_PREFIX + site.name)
 
 
@@ -93,7 +102,7 @@ class SelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, shared: Any, *, train: bool,
+  def __call__(self, x: jax.Array, context: Context, *, train: bool,
                query_tokens: int | None = None) -> jax.Array:
     d = x.shape[-1]
     heads, head_dim = self.num_heads, d // self.num_heads
@@ -102,9 +111,9 @@ class SelfAttention(nn.Module):
     kernel, bias = jnp.concatenate(kernels, axis=1), jnp.concatenate(biases)
     fused = self.adapt(Site('qkv', self.layer),
                        SiteCall(x, _linear(x, kernel, bias, self.dtype), kernel, bias),
-                       shared, train)
+                       context, train)
     q, k, v = (self.adapt(Site(name, self.layer), SiteCall(x, part, part_kernel, part_bias),
-                          shared, train).reshape(x.shape[:-1] + (heads, head_dim))
+                          context, train).reshape(x.shape[:-1] + (heads, head_dim))
                for name, part, part_kernel, part_bias
                in zip(_QKV, jnp.split(fused, 3, axis=-1), kernels, biases))
     attended = dot_product_attention(q[:, :query_tokens], k, v)
@@ -112,11 +121,12 @@ class SelfAttention(nn.Module):
     kernel, bias = weights((heads, head_dim), (d,), name='out')()
     return self.adapt(Site('out', self.layer),
                       SiteCall(attended, _linear(attended, kernel, bias, self.dtype), kernel,
-                               bias), shared, train)
+                               bias), context, train)
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> Dense; the dense layers are the 'fc1' and 'fc2' sites."""
+  """Dense -> GELU -> Dense; the dense layers are the 'fc1' and 'fc2' sites, the whole
+  map the 'ffn' site."""
   mlp_dim: int
   gelu_approximate: bool
   adapt: Adaptation
@@ -125,16 +135,16 @@ class MlpBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, shared: Any, *, train: bool) -> jax.Array:
-    d = x.shape[-1]
+  def __call__(self, x: jax.Array, context: Context, *, train: bool) -> jax.Array:
+    d, inputs = x.shape[-1], x
     for index, (site, d_out) in enumerate((('fc1', self.mlp_dim), ('fc2', d))):
       kernel, bias = LinearWeights((x.shape[-1],), (d_out,), self.param_dtype,
                                    name=f'Dense_{index}')()
       y = self.adapt(Site(site, self.layer),
                      SiteCall(x, _linear(x, kernel, bias, self.dtype), kernel, bias),
-                     shared, train)
+                     context, train)
       x = nn.gelu(y, approximate=self.gelu_approximate) if index == 0 else y
-    return x
+    return self.adapt(Site('ffn', self.layer), SiteCall(inputs, x), context, train)
 
 
 class EncoderBlock(nn.Module):
@@ -159,22 +169,22 @@ class EncoderBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, shared: Any, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, context: Context, *, train: bool) -> jax.Array:
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False,
                              dtype=self.dtype, param_dtype=self.param_dtype)
-    adapt = functools.partial(self.adapt, shared=shared, train=train)
+    adapt = functools.partial(self.adapt, context=context, train=train)
     common = dict(adapt=self.adapt, layer=self.layer, dtype=self.dtype,
                   param_dtype=self.param_dtype)
     x = adapt(Site('tokens', self.layer), SiteCall(x, x))
     query_tokens = 1 if self.class_token_only else None
     normed = adapt(Site('ln1', self.layer), SiteCall(x, norm(name='LayerNorm_0')(x)))
     attended = SelfAttention(self.num_heads, **common, name='MultiHeadDotProductAttention_0')(
-        normed, shared, train=train, query_tokens=query_tokens)
+        normed, context, train=train, query_tokens=query_tokens)
     x = x[:, :query_tokens] + DropPath(self.drop_path_rate, name='drop_path_0')(
         attended, train=train)
     normed = adapt(Site('ln2', self.layer), SiteCall(x, norm(name='LayerNorm_1')(x)))
     mlp = MlpBlock(self.mlp_dim, self.gelu_approximate, **common, name='MlpBlock_0')(
-        normed, shared, train=train)
+        normed, context, train=train)
     mlp = DropPath(self.drop_path_rate, name='drop_path_1')(mlp, train=train)
     return x + adapt(Site('mlp', self.layer), SiteCall(x, mlp))
 
@@ -203,7 +213,9 @@ class VisionTransformer(nn.Module):
       block i gets `drop_path_rate * i / (num_layers - 1)`. Training draws the
       keep patterns from the 'drop_path' PRNG stream.
     dtype: compute dtype (bfloat16 on GPU); params stay in `param_dtype`.
-  Input: images (batch, height, width, 3), pixels in [-1, 1].
+  Input: images (batch, height, width, 3), pixels in [-1, 1]; `example_weights`
+  (batch,), 0 for padding rows, reach methods whose update mixes the examples of a batch.
+  The last block computes the class token alone, unless the method mixes tokens.
   The class token after the final LayerNorm is sown as 'intermediates/pre_logits'.
   """
   num_classes: int
@@ -244,22 +256,26 @@ class VisionTransformer(nn.Module):
     return Adaptation(self.adapter, sites, info)
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               example_weights: jax.Array | None = None) -> jax.Array:
     p = self.patch_size
     adapt = self.adaptation()
-    shared = self.adapter.shared(adapt.info, name=SHARED_SCOPE) if self.adapter else None
+    context = Context(
+        self.adapter.shared(adapt.info, name=SHARED_SCOPE) if self.adapter else None,
+        example_weights)
     conv = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                    param_dtype=self.param_dtype, name='embedding')
     images = images.astype(self.dtype)
     batch = images.shape[0]
     x = adapt(Site('embedding'), SiteCall(images, conv(images).reshape(
-        batch, -1, self.hidden_size)), shared, train)
+        batch, -1, self.hidden_size)), context, train)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, self.hidden_size), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.hidden_size)),
                          x], axis=1)
     x = Encoder(self.num_heads, self.mlp_dim, self.gelu_approximate, adapt,
-                class_token_only=True, drop_path_rate=self.drop_path_rate, dtype=self.dtype,
-                param_dtype=self.param_dtype, name='Transformer')(x, shared, train=train)
+                class_token_only=not (self.adapter and self.adapter.MIXES_TOKENS),
+                drop_path_rate=self.drop_path_rate, dtype=self.dtype,
+                param_dtype=self.param_dtype, name='Transformer')(x, context, train=train)
     pre_logits = x[:, 0]
     self.sow('intermediates', 'pre_logits', pre_logits)
     head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype,
@@ -284,7 +300,7 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, shared: Any = None, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, context: Context = Context(), *, train: bool) -> jax.Array:
     x = AddPositionEmbs(self.param_dtype, name='posembed_input')(x)
     depth = self.adapt.info.num_layers
     rates = block_drop_path_rates(self.drop_path_rate, depth)
@@ -292,10 +308,10 @@ class Encoder(nn.Module):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.gelu_approximate, self.adapt, index,
                        class_token_only=self.class_token_only and index == depth - 1,
                        drop_path_rate=rates[index], dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f'encoderblock_{index}')(x, shared, train=train)
+                       name=f'encoderblock_{index}')(x, context, train=train)
     normed = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
                           param_dtype=self.param_dtype, name='encoder_norm')(x)
-    return self.adapt(Site('encoder_norm'), SiteCall(x, normed), shared, train)
+    return self.adapt(Site('encoder_norm'), SiteCall(x, normed), context, train)
 
 
 def create_model(name: str, num_classes: int, *, adapter: Method | None = None,

@@ -89,6 +89,14 @@ FGVC_MLAE = PaperRow('MLAE', None, dict(zip(FGVC.tasks, (89.6, 85.0, 99.2, 91.6,
 FGVC_MEANS = {'Full': 88.5, 'Adapter': 85.7, 'LoRA-8': 86.0, 'SSF': 90.7, 'VPT-Deep': 89.1,
               'SPT-LoRA': 90.1, 'MLAE': 90.9}
 
+# VTAB-1k figures the seed systems' own papers print (ViT-B/16, mean of group means; no
+# per-task rows are public): method -> (label, figure, source). Lily, NEAT, DMLoRA and
+# Pear: no VTAB-1k figure in a public source we could read (../shared/reference/peers.md).
+SEED_SYSTEM_MEANS = {
+    'heat': ('Heart-LoRA (per-layer ranking)', 76.8,
+             'arXiv 2404.08894v2 appendix, beside its LoRA at 76.4'),
+}
+
 # What the paper prints for its headline averages, to check the computed ones against.
 REPORTED_MEANS = {VTAB.name: {'mean_of_group_means': 78.8}}
 

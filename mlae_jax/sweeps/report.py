@@ -111,6 +111,10 @@ def benchmark_markdown(table: Table) -> str:
     others = ', '.join(f'{row.label} ({row.params_m:g}M) '
                        f'{paper.paper_average(table.benchmark, row, "mean_of_group_means"):.1f}' for row in rows.values())
     lines.append(f'- For reference, the paper\'s Table 1, mean of group means: {others}.')
+    seeds = ', '.join(f'{label} {value:.1f} ({source})'
+                      for label, value, source in paper.SEED_SYSTEM_MEANS.values())
+    lines.append(f'- Reported by the seed systems\' own papers (mean of group means, no '
+                 f'per-task rows): {seeds}.')
   if table.benchmark.name == 'fgvc':
     means = ', '.join(f'{name} {value}' for name, value in paper.FGVC_MEANS.items())
     lines.append(f'- For reference, the paper\'s FGVC means (its table 2): {means}.')

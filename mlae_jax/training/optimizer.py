@@ -9,6 +9,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from mlae_jax.partition import param_role
 from mlae_jax.training.schedules import learning_rate_schedule
 
 # 'spt': SPT's `set_weight_decay` (lib/utils.py), which the PyTorch VTAB-1k runs used:
@@ -26,6 +27,8 @@ def decays(path: str, shape: tuple[int, ...], rule: str) -> bool:
   """Whether the trained leaf at '/'-joined `path` with `shape` is weight-decayed."""
   if rule not in WEIGHT_DECAY_RULES:
     raise ValueError(f'Unknown weight-decay rule {rule!r}; choose one of {WEIGHT_DECAY_RULES}.')
+  if param_role(path) == 'state':  # Not trained at all (see `keep_state`).
+    return False
   if rule == 'all':
     return True
   # Our q/k/v biases are (heads, head_dim): the name, not the shape, marks them.
@@ -38,6 +41,19 @@ def weight_decay_mask(trainable: Any, rule: str) -> dict:
   flat = traverse_util.flatten_dict(dict(trainable), sep='/')
   return traverse_util.unflatten_dict(
       {path: decays(path, np.shape(leaf), rule) for path, leaf in flat.items()}, sep='/')
+
+
+def keep_state(tx: optax.GradientTransformation, trainable: Any
+               ) -> optax.GradientTransformation:
+  """`tx` with its updates of methods' state leaves (`partition`: `state_*`) set to zero,
+  weight decay included: they stay as phases of the run set them. `tx` itself where
+  there are none (so the optimizer state of other runs keeps its structure)."""
+  flat = traverse_util.flatten_dict(dict(trainable), sep='/')
+  state = {path: param_role(path) == 'state' for path in flat}
+  if not any(state.values()):
+    return tx
+  return optax.chain(tx, optax.masked(optax.set_to_zero(),
+                                      traverse_util.unflatten_dict(state, sep='/')))
 
 
 def make_optimizer(schedule: optax.Schedule, *, weight_decay: float,
@@ -65,4 +81,4 @@ def optimizer_from_config(config: ml_collections.ConfigDict, trainable: Any,
   tx = make_optimizer(schedule, weight_decay=config.weight_decay,
                       grad_clip_norm=config.grad_clip_norm or None,
                       decay_mask=weight_decay_mask(trainable, config.weight_decay_rule))
-  return tx, schedule
+  return keep_state(tx, trainable), schedule

@@ -97,7 +97,7 @@ def train_step(state: TrainState, frozen: Any, images: jax.Array, labels: jax.Ar
     variables = {'params': combine(trainable, frozen)}
     if drop_rates is not None:
       variables[DROP_RATES] = drop_rates
-    logits = cfg.model.apply(variables, inputs, train=True, rngs=rngs)
+    logits = cfg.model.apply(variables, inputs, train=True, rngs=rngs, example_weights=weights)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch_labels)
     loss = jnp.sum(losses * weights) / jnp.sum(weights)
     return loss, logits
@@ -115,8 +115,9 @@ def eval_step(trainable: Any, frozen: Any, images: jax.Array, labels: jax.Array,
               mask: jax.Array, cfg: StepConfig) -> dict[str, jax.Array]:
   """Sums of correct predictions, loss and examples over the unmasked rows."""
   inputs = normalize(images, cfg.mean, cfg.std)
-  logits = cfg.model.apply({'params': combine(trainable, frozen)}, inputs, train=False)
   weights = mask.astype(jnp.float32)
+  logits = cfg.model.apply({'params': combine(trainable, frozen)}, inputs, train=False,
+                           example_weights=weights)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return {'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
           'loss_sum': jnp.sum(losses * weights), 'count': jnp.sum(weights)}

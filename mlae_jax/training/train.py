@@ -24,6 +24,7 @@ from mlae_jax.training import config_checks, parallel
 from mlae_jax.training import workdir as run_files
 from mlae_jax.training.errors import TrainingDiverged
 from mlae_jax.training.metrics import logged_evaluations
+from mlae_jax.training.phases import batch_gradients, loss_gradients, run_phases
 from mlae_jax.training.precision import ComputeDtype
 from mlae_jax.training.recorder import RunRecorder
 from mlae_jax.training.run_setup import build_run, global_eval_batch
@@ -261,6 +262,12 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
             'evaluation).')
     evaluate(start_epoch, int(state.step[0]))
 
+  method = run.models[0].adapter
+  phased = bool(method and method.phase_epochs(config.epochs))
+  gradients_of = batch_gradients(
+      loss_gradients(run.models[0], data.mean, data.std), images, labels, run.order_key,
+      config.batch_size, run.image_size) if phased else None
+  host_frozen = jax.device_get(frozen) if phased else None
   bar = tqdm(total=config.epochs * run.steps_per_epoch,
              initial=start_epoch * run.steps_per_epoch, unit='step',
              disable=not (config.progress_bar and primary), desc=data.name)
@@ -282,6 +289,9 @@ def _train(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
     step = int(state.step[0])
     _check_finite(per_step['loss_sum'], finite, epoch, run.steps_per_epoch, recorders,
                   last_saved, config)
+    if phased:  # Before the checkpoint, which then holds its result.
+      state = run_phases(method, epoch + 1, config.epochs, state, host_frozen, count,
+                         run.tuned, gradients_of, parallel.replicated(mesh))
     sums = jax.tree.map(lambda m: m.sum(0), per_step)
     records = []
     for k, run_sums in enumerate(unstack_configs(sums, count)):
