@@ -298,7 +298,7 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path):
 
 
 def test_a_full_disk_at_checkpoint_time_is_one_line_and_the_rerun_resumes(tmp_path):
-  full = cli(tmp_path, '--config.epochs=3', limit_file_kb=4)  # Checkpoints need more.
+  full = cli(tmp_path, '--config.epochs=3', limit_file_kb=8)  # Not a checkpoint.
   line = one_line_error(full)
   assert line.startswith(f'mlae_jax: Cannot write the checkpoint after epoch 1 to {tmp_path}/'
                          'checkpoints: File too large. Free disk space')

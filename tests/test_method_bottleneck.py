@@ -18,7 +18,8 @@ from mlae_jax.adapters.method import NotMergeable
 from mlae_jax.checkpoints import load_pretrained
 from mlae_jax.checkpoints.layout import flatten, unflatten
 from mlae_jax.partition import param_role
-from tiny import vit_b16_adapter_count, loss_and_grads, images, moved, randomize, relative_error, tiny_model, train_steps
+from tiny import (images, loss_and_grads, moved, randomize, relative_error, tiny_model,
+                  train_steps, vit_b16_adapter_count)
 from torch_reference import (TINY_SIZE, nchw, set_drop_path_keeps, tensor, timm_vit,
                              tiny_checkpoint)
 

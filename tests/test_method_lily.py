@@ -23,7 +23,8 @@ from mlae_jax.adapters.lily import Lily, routing_weights
 from mlae_jax.checkpoints import load_pretrained
 from mlae_jax.checkpoints.layout import flatten
 from mlae_jax.partition import param_role
-from tiny import vit_b16_counts, images, init, moved, randomize, relative_error, tiny_model, train_steps
+from tiny import (images, init, moved, randomize, relative_error, tiny_model, train_steps,
+                  vit_b16_counts)
 from torch_reference import TINY_SIZE, nchw, tensor, timm_vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,8 @@ from flax import linen as nn
 
 from mlae_jax.adapters.merge import merge_adapters
 from mlae_jax.adapters.method import PEFT_RECIPE, ModelInfo, NotMergeable, SiteCall
-from mlae_jax.adapters.pear import Pear, round_half_up
+from mlae_jax.adapters.method import round_half_up
+from mlae_jax.adapters.pear import Pear
 from mlae_jax.adapters.registry import config_group, get_method
 from mlae_jax.adapters.sites import Site
 from mlae_jax.checkpoints import load_pretrained
@@ -30,7 +31,8 @@ from mlae_jax.training.optimizer import keep_state, make_optimizer, weight_decay
 from mlae_jax.training.phases import loss_gradients
 from mlae_jax.training.steps import StepConfig, create_train_state, epoch_order, train_step
 from mlae_jax.training.train import train_and_evaluate
-from tiny import vit_b16_counts, loss_and_grads, TINY_IMAGE, images, randomize, relative_error, tiny_model
+from tiny import (TINY_IMAGE, images, loss_and_grads, randomize, relative_error, tiny_model,
+                  vit_b16_counts)
 from torch_reference import (TINY_SIZE, nchw, set_drop_path_keeps, tensor, timm_vit,
                              tiny_checkpoint)
 from training_setup import tiny_config
@@ -159,7 +161,9 @@ def test_logits_and_gradients_match_the_reference_before_pruning(checkpoint, dro
   model = tiny_model(method, drop_path_rate=drop_path)
   params = randomize(fresh_params(checkpoint, 'keep'))  # State stays at its init.
   x = images(4)
-  logits, flat_grads, intermediates = loss_and_grads(model, params, x, LABELS, train=True, drop_path_key=jax.random.key(5) if drop_path else None)
+  logits, flat_grads, intermediates = loss_and_grads(
+      model, params, x, LABELS, train=True,
+      drop_path_key=jax.random.key(5) if drop_path else None)
   reference, own = torch_model(method, checkpoint, flatten(params), drop_path_rate=drop_path)
   if drop_path:
     keeps = [np.asarray(v[0]) for k, v in intermediates.items()

@@ -132,7 +132,7 @@ def test_a_failure_on_one_host_ends_every_process_with_its_reason(tmp_path):
   (its disk is full) and a checkpoint file that process 1's host lacks both end the two
   processes promptly, each naming the cause."""
   full = _finish(_launch([tmp_path / 'full0', tmp_path / 'full1'], '--config.epochs=3',
-                         file_limit_kb=(4, None)), timeout=300)  # Checkpoints need more.
+                         file_limit_kb=(8, None)), timeout=300)  # Not a checkpoint.
   assert [code for code, _, _ in full] == [1, 1], [o[2][-2000:] for o in full]
   assert 'Cannot write the checkpoint after epoch 1' in full[0][2]
   assert 'Process 0 stopped the run: OutputWriteError: Cannot write the checkpoint' in full[1][2]

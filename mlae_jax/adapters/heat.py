@@ -52,7 +52,6 @@ The mask folds into the base weights, so HEAT merges as LoRA does.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, ClassVar, Iterable, Mapping
 
@@ -63,7 +62,8 @@ from flax import linen as nn
 
 from mlae_jax.adapters.experts import LowRankExperts
 from mlae_jax.adapters.low_rank import Lora
-from mlae_jax.adapters.method import Gradients, ModelInfo, SiteCall, is_integer
+from mlae_jax.adapters.method import (Gradients, ModelInfo, SiteCall, is_integer,
+                                      round_half_up)
 from mlae_jax.adapters.sites import Site, adapter_scope, base_biases, base_kernels
 from mlae_jax.adapters.taylor import taylor_scores
 from mlae_jax.checkpoints.layout import flatten, unflatten
@@ -75,11 +75,6 @@ HEAD_SITES = ('qkv', 'query', 'key', 'value')  # Maps whose outputs split into h
 # Fraction of the run's epochs before the scoring phase: the shared recipe's warm-up.
 WARMUP_FRACTION = 0.1
 _BLOCK = re.compile(r'^Transformer/encoderblock_(\d+)/')
-
-
-def round_half_up(value: float) -> int:
-  """`value` rounded to the nearest integer, halves up (not Python's to-even)."""
-  return int(math.floor(value + 0.5))
 
 
 def parts_of(site: Site) -> int:

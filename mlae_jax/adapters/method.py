@@ -48,6 +48,12 @@ def is_integer(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def round_half_up(value: float) -> int:
+  """`value` rounded to the nearest integer, halves up (Python's `round` takes halves to
+  the even neighbour): for counts and epochs that are fractions of a whole."""
+  return int(math.floor(value + 0.5))
+
+
 class NotMergeable(ValueError):
   """The method's update depends on the input, so it cannot be folded into weights."""
 

@@ -79,7 +79,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mlae_jax.adapters.method import PEFT_RECIPE, Gradients, Method, ModelInfo, SiteCall
+from mlae_jax.adapters.method import (PEFT_RECIPE, Gradients, Method, ModelInfo, SiteCall,
+                                      round_half_up)
 from mlae_jax.adapters.products import up_project
 from mlae_jax.adapters.sites import SHARED_SCOPE, Site
 from mlae_jax.adapters.taylor import taylor_scores
@@ -92,11 +93,6 @@ _ADAPTER_LEAVES = ('down', 'up')
 # (d, dim) slice of the stacked (P, d, dim) kernels (axis 0 is the stack).
 _down_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', in_axis=-2,
                                               out_axis=-1, batch_axis=(0,))
-
-
-def round_half_up(value: float) -> int:
-  """The nearest integer, halves rounded up (Python's `round` rounds them to even)."""
-  return int(math.floor(value + 0.5))
 
 
 class _Stack(nn.Module):

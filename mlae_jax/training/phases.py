@@ -58,9 +58,10 @@ def batch_gradients(grad_fn: Callable, images: jax.Array, labels: jax.Array,
                     order_key: jax.Array, batch_size: int, size: int
                     ) -> Callable[..., Iterator[Any]]:
   """`gradients_of(params, batches, epoch=)` for `run_phases`: the gradients on the first
-  `batches` batches (yielded one by one) of a permutation of the training set fixed by the run's order key
-  and `epoch` (the same batches when a phase is redone after a resume), the images
-  centre-cropped to `size` where the stored ones are larger (crops are augmentation)."""
+  `batches` batches (yielded one by one) of a permutation of the training set fixed by
+  the run's order key and `epoch` (the same batches when a phase is redone after a
+  resume), the images centre-cropped to `size` where the stored ones are larger (crops
+  are augmentation)."""
   top, left = (images.shape[1] - size) // 2, (images.shape[2] - size) // 2
 
   def gradients_of(params: Any, batches: int, *, epoch: int) -> Iterator[Any]:
