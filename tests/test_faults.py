@@ -297,6 +297,12 @@ def test_a_half_written_checkpoint_is_ignored(tmp_path):
   assert results['evaluated_epochs'] == [1, 2]
 
 
+def test_a_disk_too_full_for_the_config_record_is_one_line_naming_the_workdir(tmp_path):
+  line = one_line_error(cli(tmp_path, limit_file_kb=1))  # config.json holds ~5 KB.
+  assert line.startswith(f"mlae_jax: Cannot write the run's records (config.json, metrics) in "
+                         f'{tmp_path} (File too large). Free disk space')
+
+
 def test_a_full_disk_at_checkpoint_time_is_one_line_and_the_rerun_resumes(tmp_path):
   full = cli(tmp_path, '--config.epochs=3', limit_file_kb=8)  # Not a checkpoint.
   line = one_line_error(full)

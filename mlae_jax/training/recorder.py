@@ -50,9 +50,15 @@ class RunRecorder:
             records: Iterable[dict[str, Any]]) -> None:
     """Records the config (and allowed changes) and rewrites metrics.jsonl from the
     restored history, once the run has resumed."""
-    run_files.record_config(self.workdir, config, changes)
-    self._log = MetricsLog(self.workdir)
-    self._log.reset(records)
+    try:
+      run_files.record_config(self.workdir, config, changes)
+      self._log = MetricsLog(self.workdir)
+      self._log.reset(records)
+    except OSError as error:
+      raise OutputWriteError(
+          f'Cannot write the run\'s records ({run_files.CONFIG_FILE}, metrics) in '
+          f'{self.workdir} ({error.strerror or error}). Free disk space or fix the folder, '
+          'then re-run the same command.') from error
 
   def log(self, record: dict[str, Any]) -> None:
     """Appends a train or eval record to metrics.jsonl and TensorBoard."""
