@@ -43,6 +43,12 @@ kaiming_uniform_a_sqrt5 = nn.initializers.variance_scaling(
     1.0 / 3.0, 'fan_in', 'uniform', in_axis=-1, out_axis=-2)
 
 
+def torch_linear_init(batch_axis: tuple[int, ...] = ()) -> nn.initializers.Initializer:
+  """torch.nn.Linear's default init (kaiming_uniform_, a=sqrt(5)) on an (in, out) kernel,
+  stacked along `batch_axis`: U(+-1/sqrt(in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', batch_axis=batch_axis)
+
+
 class LowRankExperts(nn.Module):
   """Computes ((x A^T) * m * c) B, the adapter's contribution to x W0.
 

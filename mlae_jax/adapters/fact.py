@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mlae_jax.adapters.experts import torch_linear_init
 from mlae_jax.adapters.method import Method, ModelInfo, SiteCall
 from mlae_jax.adapters.products import up_project
 from mlae_jax.adapters.sites import Site
@@ -88,8 +89,7 @@ VTAB_TASKS: Mapping[str, Mapping[str, tuple[int, float]]] = {
         'smallnorb_ele': (16, 10.0)},
 }
 
-# torch.nn.Linear's default init on an (in, out) kernel: U(+-1/sqrt(in)).
-_torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+_torch_linear_init = torch_linear_init()  # torch.nn.Linear's default.
 
 
 def mlp_chunks(info: ModelInfo) -> int:

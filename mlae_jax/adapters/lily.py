@@ -74,18 +74,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mlae_jax.adapters.experts import torch_linear_init
 from mlae_jax.adapters.method import Method, ModelInfo, SiteCall
 from mlae_jax.adapters.products import up_project
 from mlae_jax.adapters.sites import Site
 
 LILY_SITES = ('key', 'value', 'ffn')
 ROUTERS = ('batch', 'example', 'none')
-
-
-def _torch_linear_init(batch_axis: tuple[int, ...] = ()) -> nn.initializers.Initializer:
-  """torch.nn.Linear's default init on an (in, out) kernel (stacked along
-  `batch_axis`): U(+-1/sqrt(in))."""
-  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', batch_axis=batch_axis)
 
 
 def routing_weights(probs: jax.Array, router: str, weights: jax.Array | None) -> jax.Array:
@@ -116,7 +111,7 @@ class _LilyShared(nn.Module):
   def __call__(self) -> dict[str, jax.Array]:
     shared = {}
     for site, width in self.widths.items():
-      shared[f'lp_{site}'] = self.param(f'lp_{site}', _torch_linear_init(batch_axis=(0,)),
+      shared[f'lp_{site}'] = self.param(f'lp_{site}', torch_linear_init(batch_axis=(0,)),
                                         (self.groups, self.hidden, width), self.param_dtype)
       shared[f'hp_{site}'] = self.param(f'hp_{site}', nn.initializers.zeros,
                                         (self.experts, width, self.hidden), self.param_dtype)
@@ -144,7 +139,7 @@ class _LilySite(nn.Module):
     if self.router == 'none':  # Monoscale: the mean of the experts.
       combined = jnp.sum(hp, axis=0) * (1.0 / self.experts)
     else:
-      kernel = self.param('router', _torch_linear_init(), (width, self.experts),
+      kernel = self.param('router', torch_linear_init(), (width, self.experts),
                           self.param_dtype)
       logits = jnp.einsum('...r,re->...e', hidden, kernel.astype(dtype))
       probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mlae_jax.adapters.experts import torch_linear_init
 from mlae_jax.adapters.method import PEFT_RECIPE, Method, ModelInfo, SiteCall, is_integer
 from mlae_jax.adapters.products import up_project
 from mlae_jax.adapters.sites import Site
@@ -73,9 +74,7 @@ from mlae_jax.adapters.sites import Site
 NEAT_SITES = ('query', 'key', 'value', 'out', 'fc1', 'fc2')
 MLP_SITES = ('fc1', 'fc2')
 
-# torch.nn.Linear's default init (kaiming_uniform, a=sqrt(5)) on an (in, out) kernel:
-# U(+-1/sqrt(in)).
-_torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+_torch_linear_init = torch_linear_init()  # torch.nn.Linear's default.
 
 
 def neat_factor(kernel: jax.Array, a: jax.Array, encoders: Sequence[jax.Array],

@@ -79,6 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mlae_jax.adapters.experts import torch_linear_init
 from mlae_jax.adapters.method import (PEFT_RECIPE, Gradients, Method, ModelInfo, SiteCall,
                                       round_half_up)
 from mlae_jax.adapters.products import up_project
@@ -91,8 +92,7 @@ _ADAPTER_LEAVES = ('down', 'up')
 
 # torch's nn.Linear default init, kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(d_in)), of each
 # (d, dim) slice of the stacked (P, d, dim) kernels (axis 0 is the stack).
-_down_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', in_axis=-2,
-                                              out_axis=-1, batch_axis=(0,))
+_down_init = torch_linear_init(batch_axis=(0,))
 
 
 class _Stack(nn.Module):
